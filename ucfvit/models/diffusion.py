@@ -1,0 +1,132 @@
+"""DiffusionViT (a ViT noise predictor) and the DDPM scheduler (Ho et al., 2020)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .embed import timestep_embed
+from .encoder import EncoderDecoder
+from .patches import unpatchify
+from .rng import RandomSource
+
+__all__ = ["DiffusionViT", "DDPMScheduler", "BETA_SCHEDULES"]
+
+BETA_SCHEDULES = ("linear", "cosine")
+
+
+class DiffusionViT(EncoderDecoder):
+    """Predicts the noise in a noised image: ``forward(x_t, t)`` -> (B, C, *img_size).
+
+    The timestep enters through a sinusoidal embedding and an MLP (``time_embed``), added to
+    every patch token before the encoder blocks.
+
+    Args:
+        time_steps: length of the diffusion process the model is trained for.
+        decoder_*, linear_decoder: see :class:`~ucfvit.models.encoder.EncoderDecoder`.
+        **encoder_kwargs: see :class:`~ucfvit.models.encoder.VisionTransformer`.
+    """
+
+    def __init__(self, *, time_steps: int = 1000, **kwargs):
+        if time_steps <= 0:
+            raise ValueError(f"time_steps={time_steps} must be positive")
+        kwargs.setdefault("class_token", False)
+        super().__init__(**kwargs)
+        self.time_steps = time_steps
+        d = self.embed_dim
+        self.time_embed = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        variables: Sequence[str] | None = None,
+        *,
+        rng: RandomSource = None,
+    ) -> torch.Tensor:
+        b = x.shape[0]
+        tokens = self.embed(x, variables) + self.time_embed(timestep_embed(t, self.embed_dim)).unsqueeze(1)
+        coords = self.patch_coords(b, x.device)
+        latent, _ = self.encode(tokens, coords, rng)
+        y = latent if self.linear_decoder else self.decoder_embed(latent)
+        return unpatchify(self.decode(y, coords), self.patch_size, self.img_size)
+
+
+class DDPMScheduler:
+    """Noise schedule, forward noising and ancestral sampling of DDPM.
+
+    Args:
+        num_steps: diffusion steps T.
+        schedule: ``"linear"`` betas from ``beta_start`` to ``beta_end`` (Ho et al.) or
+            ``"cosine"`` alpha-bar (Nichol & Dhariwal, 2021), betas clipped at 0.999.
+    """
+
+    def __init__(
+        self,
+        num_steps: int = 1000,
+        schedule: str = "linear",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        cosine_s: float = 0.008,
+    ):
+        if num_steps <= 0:
+            raise ValueError(f"num_steps={num_steps} must be positive")
+        if schedule not in BETA_SCHEDULES:
+            raise ValueError(f"schedule={schedule!r} is unknown; choose one of {BETA_SCHEDULES}")
+        self.num_steps, self.schedule = num_steps, schedule
+        if schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+        else:
+            steps = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+            f = torch.cos((steps + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
+            betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+        self.betas = betas
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+
+    def _at(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """values[t] shaped to broadcast against ``like`` (B, ...)."""
+        out = values.to(like.device)[t.to(like.device)].to(like.dtype)
+        return out.view(-1, *([1] * (like.ndim - 1)))
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """q(x_t | x_0): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
+        abar = self._at(self.alphas_cumprod, t, x0)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def predict_x0(self, x_t: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Exact inverse of :meth:`add_noise` given the noise."""
+        abar = self._at(self.alphas_cumprod, t, x_t)
+        return (x_t - (1 - abar).sqrt() * noise) / abar.sqrt()
+
+    def step(self, noise_pred: torch.Tensor, t: int, x_t: torch.Tensor, generator: torch.Generator | None = None):
+        """One ancestral step x_t -> x_{t-1} (no noise is added at t = 0)."""
+        tt = torch.full((x_t.shape[0],), t, dtype=torch.long)
+        beta, alpha, abar = (self._at(v, tt, x_t) for v in (self.betas, self.alphas, self.alphas_cumprod))
+        mean = (x_t - beta / (1 - abar).sqrt() * noise_pred) / alpha.sqrt()
+        if t == 0:
+            return mean
+        abar_prev = self._at(self.alphas_cumprod, tt - 1, x_t)
+        var = beta * (1 - abar_prev) / (1 - abar)
+        z = torch.randn(x_t.shape, generator=generator, device=x_t.device if generator is None else generator.device)
+        return mean + var.sqrt() * z.to(x_t.device, x_t.dtype)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        shape: Sequence[int],
+        *,
+        device: torch.device | str = "cpu",
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Ancestral sampling: pure noise of ``shape`` denoised by ``model(x_t, t)`` over all T steps."""
+        gen_device = device if generator is None else generator.device
+        x = torch.randn(tuple(shape), generator=generator, device=gen_device).to(device)
+        for t in reversed(range(self.num_steps)):
+            tt = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
+            x = self.step(model(x, tt), t, x, generator)
+        return x

@@ -1,0 +1,148 @@
+"""Token embeddings: patch embedding (2D/3D, per-variable, adaptive), position embeddings
+(sin-cos, learned, rotary) and variable aggregation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import Attention
+
+__all__ = [
+    "PatchEmbed",
+    "VariablePatchEmbed",
+    "AdaptivePatchEmbed",
+    "VariableAggregation",
+    "sincos_embed",
+    "grid_coords",
+    "rope_angles",
+    "timestep_embed",
+]
+
+
+def _conv(ndim: int) -> type[nn.Conv2d] | type[nn.Conv3d]:
+    return nn.Conv2d if ndim == 2 else nn.Conv3d
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens with a strided convolution: (B, C, *S) -> (B, N, D)."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, ndim: int):
+        super().__init__()
+        self.proj = _conv(ndim)(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VariablePatchEmbed(nn.Module):
+    """One patch embedding per declared variable (ClimaX-style variable tokenisation).
+
+    ``forward(x, var_idx)`` embeds channel ``i`` of ``x`` with the weights of variable
+    ``var_idx[i]``: (B, C, *S) -> (B, C, N, D). All channels run as one grouped convolution.
+    """
+
+    def __init__(self, num_vars: int, patch_size: int, embed_dim: int, ndim: int):
+        super().__init__()
+        self.ndim = ndim
+        self.weight = nn.Parameter(torch.empty(num_vars, embed_dim, 1, *([patch_size] * ndim)))
+        self.bias = nn.Parameter(torch.empty(num_vars, embed_dim))
+        self.stride = patch_size
+
+    def reset_parameters(self) -> None:
+        # Each variable's kernel is initialised like a linear layer over its flattened patch.
+        fan_in = math.prod(self.weight.shape[2:])
+        bound = math.sqrt(6.0 / (fan_in + self.weight.shape[1]))
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor, var_idx: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        weight = self.weight[var_idx].flatten(0, 1)  # (C*D, 1, *p)
+        conv = F.conv2d if self.ndim == 2 else F.conv3d
+        out = conv(x, weight, self.bias[var_idx].flatten(), stride=self.stride, groups=c)
+        return out.view(b, c, self.weight.shape[1], -1).transpose(2, 3)  # (B, C, N, D)
+
+
+class AdaptivePatchEmbed(nn.Module):
+    """Embeds pre-tokenised adaptive patches (each region resized to ``patch_size``).
+
+    Input (B, L, C, *[patch_size] * ndim) -> (B, L, D). Equivalent to :class:`PatchEmbed`
+    applied to every resized patch.
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, ndim: int):
+        super().__init__()
+        self.proj = nn.Linear(in_chans * patch_size**ndim, embed_dim)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.proj(patches.flatten(2))
+
+
+class VariableAggregation(nn.Module):
+    """Merges per-variable tokens (B, V, N, D) into one token per patch (B, N, D) by
+    cross-attention from a learned query (as in ClimaX / UCF-VIT)."""
+
+    def __init__(self, dim: int, num_heads: int, backend: str = "sdpa"):
+        super().__init__()
+        self.query = nn.Parameter(torch.empty(1, 1, dim))
+        self.attn = Attention(dim, num_heads, backend=backend)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.query, std=0.02)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, v, n, d = tokens.shape
+        context = tokens.permute(0, 2, 1, 3).reshape(b * n, v, d)
+        out = self.attn(self.query.expand(b * n, -1, -1), context=context)  # (B*N, 1, D)
+        return out.view(b, n, d)
+
+
+def grid_coords(grid: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """Integer patch coordinates of a row-major grid: (prod(grid), ndim) float."""
+    axes = [torch.arange(g, dtype=torch.float32, device=device) for g in grid]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid))
+
+
+def _axis_frequencies(num: int, theta: float, device: torch.device | str | None) -> torch.Tensor:
+    return 1.0 / theta ** (torch.arange(num, dtype=torch.float32, device=device) / max(num, 1))
+
+
+def sincos_embed(coords: torch.Tensor, dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Sin-cos embedding of (possibly fractional) coordinates (..., ndim) -> (..., dim).
+
+    Each axis gets ``2 * (dim // (2 * ndim))`` channels (half sin, half cos); leftover channels
+    are zero. With ndim=1 this is the Transformer's 1D embedding; with a grid it is the MAE 2D/3D one.
+    """
+    ndim = coords.shape[-1]
+    per_axis = dim // (2 * ndim)
+    freqs = _axis_frequencies(per_axis, theta, coords.device)
+    parts = []
+    for a in range(ndim):
+        angles = coords[..., a : a + 1].float() * freqs  # (..., per_axis)
+        parts += [angles.sin(), angles.cos()]
+    out = torch.cat(parts, dim=-1)
+    return F.pad(out, (0, dim - out.shape[-1]))
+
+
+def rope_angles(coords: torch.Tensor, head_dim: int, theta: float = 100.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary (cos, sin) for coordinates (B, N, ndim) -> two (B, 1, N, head_dim) tensors.
+
+    Each axis rotates ``head_dim // (2 * ndim)`` channel pairs; leftover channels are unrotated.
+    """
+    ndim = coords.shape[-1]
+    per_axis = head_dim // (2 * ndim)
+    freqs = _axis_frequencies(per_axis, theta, coords.device)
+    angles = torch.cat([coords[..., a : a + 1].float() * freqs for a in range(ndim)], dim=-1)
+    angles = F.pad(angles, (0, head_dim // 2 - angles.shape[-1]))  # zero angle: no rotation
+    angles = angles.repeat_interleave(2, dim=-1).unsqueeze(1)  # (B, 1, N, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def timestep_embed(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of diffusion timesteps (B,) -> (B, dim)."""
+    return sincos_embed(t.float().unsqueeze(-1), dim, theta=max_period)

@@ -1,0 +1,350 @@
+"""The ViT encoder that every ucfvit family shares, and the token decoder of MAE/DiffusionViT/SAP.
+
+Families subclass :class:`VisionTransformer` (and :class:`EncoderDecoder` when they decode
+tokens with a transformer), so every model has the same module names: ``patch_embed``,
+``pos_embed``, ``cls_token``, ``blocks.N.{norm1,attn.{q,k,v,proj},norm2,mlp.{fc1,fc2}}``,
+``norm``, and ``decoder_embed``, ``decoder_blocks``, ``decoder_norm``, ``decoder_pred``.
+One tensor-parallel plan and one weight import then work by name for every family.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .embed import (
+    AdaptivePatchEmbed,
+    PatchEmbed,
+    VariableAggregation,
+    VariablePatchEmbed,
+    grid_coords,
+    rope_angles,
+    sincos_embed,
+)
+from .layers import Block
+from .patches import check_patch_grid, to_ntuple
+from .rng import RandomSource, rand
+
+POS_EMBEDS = ("sincos", "learned", "none")
+
+__all__ = ["VisionTransformer", "EncoderDecoder", "POS_EMBEDS"]
+
+
+def _init_linear_like(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Xavier-uniform over (out, prod(rest)), as the MAE reference initialises linears and the
+    patch projection. Computed from the global shape, so it is valid on sharded DTensors."""
+    fan_out, fan_in = weight.shape[0], math.prod(weight.shape[1:])
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    nn.init.uniform_(weight, -bound, bound)
+    if bias is not None:
+        nn.init.zeros_(bias)
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder: embed patches (2D or 3D), add positions, run ``depth`` blocks, normalise.
+
+    Args:
+        img_size: image size, an int (with ``ndim``) or a 2/3-tuple. Ignored shapes for adaptive patching.
+        patch_size: side of a square/cubic patch; ``img_size`` must be divisible by it.
+        in_chans: input channels (standard mode).
+        ndim: 2 or 3 when ``img_size`` is an int.
+        embed_dim, depth, num_heads, mlp_ratio, qkv_bias: transformer shape.
+        drop_path_rate: stochastic depth, linearly increasing over blocks.
+        class_token: prepend a learned class token.
+        pos_embed: ``"sincos"`` (fixed), ``"learned"`` or ``"none"``.
+        rope: rotary position embedding over the 2D/3D patch coordinates in every block.
+        attn_backend: ``"sdpa"``, ``"xformers"`` or ``"math"``.
+        variables: names of the input channels the model knows (UCF-VIT's ``default_vars``).
+        use_varemb: tokenise each channel separately and merge by variable aggregation.
+        single_channel: batches hold one variable at a time (1 channel + its variable embedding).
+        adaptive_patching: input is a fixed-length sequence of resized variable-size patches.
+    """
+
+    def __init__(
+        self,
+        *,
+        img_size: int | Sequence[int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        ndim: int = 2,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        class_token: bool = True,
+        pos_embed: str = "sincos",
+        rope: bool = False,
+        attn_backend: str = "sdpa",
+        variables: Sequence[str] | None = None,
+        use_varemb: bool = False,
+        single_channel: bool = False,
+        adaptive_patching: bool = False,
+    ):
+        super().__init__()
+        if ndim not in (2, 3) and isinstance(img_size, int):
+            raise ValueError(f"ndim={ndim} must be 2 or 3")
+        self.img_size = to_ntuple(img_size, ndim if isinstance(img_size, int) else len(img_size), "img_size")
+        self.ndim = len(self.img_size)
+        self.patch_size = int(patch_size)
+        self.grid = check_patch_grid(self.img_size, self.patch_size)
+        self.num_patches = math.prod(self.grid)
+        for name, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)):
+            if value <= 0:
+                raise ValueError(f"{name}={value} must be positive")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        if pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed={pos_embed!r} is unknown; choose one of {POS_EMBEDS}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate={drop_path_rate} must lie in [0, 1)")
+        if use_varemb and single_channel:
+            raise ValueError("use_varemb and single_channel are exclusive: pick one way of embedding variables")
+        if adaptive_patching and (use_varemb or single_channel or pos_embed == "learned"):
+            raise ValueError(
+                "adaptive_patching supports neither use_varemb/single_channel nor pos_embed='learned' "
+                "(positions are continuous); use pos_embed='sincos' or rope=True"
+            )
+        self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
+        self.drop_path_rate = drop_path_rate
+        self.rope = rope
+        self.use_varemb, self.single_channel, self.adaptive_patching = use_varemb, single_channel, adaptive_patching
+        self.pos_embed_kind = pos_embed
+        if variables is None:
+            variables = tuple(f"channel{i}" for i in range(in_chans))
+        self.variables = tuple(variables)
+        if len(set(self.variables)) != len(self.variables):
+            raise ValueError(f"variables={self.variables} contains duplicates")
+        if not (use_varemb or single_channel) and len(self.variables) != in_chans:
+            raise ValueError(f"variables={self.variables} must name in_chans={in_chans} channels")
+        self.in_chans = 1 if single_channel else in_chans
+        # Channels of an output in image space: one per declared variable with variable embedding.
+        self.data_chans = len(self.variables) if use_varemb else self.in_chans
+        self.num_prefix_tokens = int(class_token)
+
+        if adaptive_patching:
+            self.patch_embed = AdaptivePatchEmbed(self.patch_size, in_chans, embed_dim, self.ndim)
+        elif use_varemb:
+            self.patch_embed = VariablePatchEmbed(len(self.variables), self.patch_size, embed_dim, self.ndim)
+            self.var_agg = VariableAggregation(embed_dim, num_heads, backend=attn_backend)
+        else:
+            self.patch_embed = PatchEmbed(self.patch_size, self.in_chans, embed_dim, self.ndim)
+        if use_varemb or single_channel:
+            self.var_embed = nn.Parameter(torch.empty(len(self.variables), embed_dim))
+        self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim)) if class_token else None
+        self._add_pos_embed("pos_embed", embed_dim)
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, backend=attn_backend)
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+
+    # ------------------------------------------------------------------ initialisation
+    def _sincos_table(self, dim: int) -> torch.Tensor:
+        return sincos_embed(grid_coords(self.grid), dim).unsqueeze(0)  # (1, N, dim)
+
+    def _add_pos_embed(self, name: str, dim: int) -> None:
+        """Register position table ``name`` of width ``dim``: a learned parameter, a fixed sin-cos
+        buffer (not saved: it is recomputed), or None (no table, or continuous adaptive positions)."""
+        if self.pos_embed_kind == "learned":
+            setattr(self, name, nn.Parameter(torch.empty(1, self.num_patches, dim)))
+        elif self.pos_embed_kind == "sincos" and not self.adaptive_patching:
+            self.register_buffer(name, self._sincos_table(dim), persistent=False)
+        else:
+            setattr(self, name, None)
+
+    def _init_pos_embed(self, name: str) -> None:
+        table = getattr(self, name)
+        if isinstance(table, nn.Parameter):
+            nn.init.trunc_normal_(table, std=0.02)
+        elif table is not None:
+            table.copy_(self._sincos_table(table.shape[-1]))
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and buffer. Valid on the meta->``to_empty`` path and
+        on DTensor parameters (all fans come from global shapes)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                _init_linear_like(module.weight, module.bias)
+            elif isinstance(module, (nn.Conv2d, nn.Conv3d)) and module.kernel_size == module.stride:
+                _init_linear_like(module.weight, module.bias)  # patch projections
+            elif module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()  # norms, other convs, per-variable embeddings
+        self._init_parameters()
+
+    def _init_parameters(self) -> None:
+        """Tokens, embeddings and buffers that no submodule owns; families extend this."""
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=0.02)
+        if self.use_varemb or self.single_channel:
+            nn.init.normal_(self.var_embed, std=0.02)
+        self._init_pos_embed("pos_embed")
+
+    # ------------------------------------------------------------------ embedding
+    def variable_index(self, variables: Sequence[str] | None, num_channels: int) -> list[int]:
+        """Positions in ``self.variables`` of the channels of an input; validates names and count."""
+        if variables is None:
+            if num_channels != len(self.variables) and not self.single_channel:
+                raise ValueError(
+                    f"input has {num_channels} channels but the model declares variables={self.variables}; "
+                    "pass variables=[...] naming the input's channels"
+                )
+            variables = self.variables[:num_channels]
+        variables = list(variables)
+        unknown = [v for v in variables if v not in self.variables]
+        if unknown:
+            raise ValueError(f"variables {unknown} are unknown; allowed values: {list(self.variables)}")
+        if len(variables) != num_channels:
+            raise ValueError(f"variables={variables} names {len(variables)} channels, input has {num_channels}")
+        if self.single_channel and num_channels != 1:
+            raise ValueError(f"single_channel models take 1 channel per batch, got {num_channels}")
+        return [self.variables.index(v) for v in variables]
+
+    def embed(self, x: torch.Tensor, variables: Sequence[str] | None = None) -> torch.Tensor:
+        """Image (B, C, *img_size) -> patch tokens with positions (B, N, D); no prefix token."""
+        if tuple(x.shape[2:]) != self.img_size:
+            raise ValueError(f"input spatial shape {tuple(x.shape[2:])} does not match img_size={self.img_size}")
+        idx = self.variable_index(variables, x.shape[1])
+        if self.use_varemb:
+            index = torch.tensor(idx, device=x.device)
+            tokens = self.patch_embed(x, index) + self.var_embed[index][None, :, None, :]
+            tokens = self.var_agg(tokens)
+        else:
+            tokens = self.patch_embed(x)
+            if self.single_channel:
+                tokens = tokens + self.var_embed[idx[0]]
+        if self.pos_embed is not None:
+            tokens = tokens + self.pos_embed
+        return tokens
+
+    def patch_coords(self, batch: int, device: torch.device) -> torch.Tensor:
+        """Grid coordinates (B, N, ndim) of the patches, in patch units."""
+        return grid_coords(self.grid, device).expand(batch, -1, -1)
+
+    # ------------------------------------------------------------------ transformer
+    def rope_for(self, coords: torch.Tensor | None, head_dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Rotary angles for patch tokens at ``coords``, with unrotated prefix tokens; None if off."""
+        if not self.rope or coords is None:
+            return None
+        cos, sin = rope_angles(coords, head_dim)
+        if self.num_prefix_tokens:
+            pad = (0, 0, self.num_prefix_tokens, 0)
+            cos = nn.functional.pad(cos, pad, value=1.0)
+            sin = nn.functional.pad(sin, pad, value=0.0)
+        return cos, sin
+
+    def drop_path_scales(self, rng: RandomSource, batch: int, device: torch.device) -> torch.Tensor | None:
+        """Per-block, per-branch, per-sample stochastic-depth scales (depth, 2, B), or None."""
+        if not self.training or self.drop_path_rate == 0.0:
+            return None
+        rates = torch.linspace(0, self.drop_path_rate, self.depth, device=device).view(-1, 1, 1)
+        noise = rand(rng, (batch, self.depth * 2), device).T.reshape(self.depth, 2, batch)
+        return (noise >= rates).float() / (1.0 - rates)
+
+    def prepend_prefix(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cls_token is None:
+            return tokens
+        return torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+
+    def encode(
+        self,
+        tokens: torch.Tensor,
+        coords: torch.Tensor | None,
+        rng: RandomSource = None,
+        taps: Sequence[int] = (),
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the blocks on patch tokens (B, N, D) at ``coords`` (B, N, ndim).
+
+        Returns the normalised output with prefix tokens (B, P+N, D) and the raw outputs of the
+        blocks listed in ``taps`` (for UNETR's skip connections).
+        """
+        x = self.prepend_prefix(tokens)
+        rope = self.rope_for(coords, self.embed_dim // self.num_heads)
+        scales = self.drop_path_scales(rng, x.shape[0], x.device)
+        tapped = []
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope=rope, drop_scale=None if scales is None else scales[i])
+            if i in taps:
+                tapped.append(x)
+        return self.norm(x), tapped
+
+    def forward_features(
+        self, x: torch.Tensor, variables: Sequence[str] | None = None, *, rng: RandomSource = None
+    ) -> torch.Tensor:
+        """Image -> normalised tokens (B, P+N, D)."""
+        tokens = self.embed(x, variables)
+        return self.encode(tokens, self.patch_coords(x.shape[0], x.device), rng)[0]
+
+
+class EncoderDecoder(VisionTransformer):
+    """Encoder plus a token decoder predicting ``out_chans`` values per pixel of every patch
+    (``patch_size**ndim * out_chans`` per token; default ``out_chans``: the input's channels).
+
+    The decoder is a transformer (``decoder_embed`` -> ``decoder_blocks`` -> ``decoder_norm`` ->
+    ``decoder_pred``), or with ``linear_decoder=True`` a single ``decoder_pred`` on encoder tokens.
+    """
+
+    def __init__(
+        self,
+        *,
+        out_chans: int | None = None,
+        linear_decoder: bool = False,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        decoder_mlp_ratio: float = 4.0,
+        **encoder_kwargs,
+    ):
+        super().__init__(**encoder_kwargs)
+        self.linear_decoder = linear_decoder
+        self.out_chans = self.data_chans if out_chans is None else out_chans
+        out_dim = self.patch_size**self.ndim * self.out_chans
+        qkv_bias = self.blocks[0].attn.q.bias is not None if len(self.blocks) else True
+        backend = self.blocks[0].attn.backend if len(self.blocks) else "sdpa"
+        if linear_decoder:
+            self.decoder_pred = nn.Linear(self.embed_dim, out_dim)
+            return
+        if decoder_embed_dim <= 0 or decoder_depth < 0 or decoder_num_heads <= 0:
+            raise ValueError(
+                f"decoder_embed_dim={decoder_embed_dim}, decoder_depth={decoder_depth} and "
+                f"decoder_num_heads={decoder_num_heads} must be positive (depth may be 0)"
+            )
+        if decoder_embed_dim % decoder_num_heads:
+            raise ValueError(
+                f"decoder_embed_dim={decoder_embed_dim} must be divisible by decoder_num_heads={decoder_num_heads}"
+            )
+        self.decoder_num_heads = decoder_num_heads
+        self.decoder_embed = nn.Linear(self.embed_dim, decoder_embed_dim)
+        self._add_pos_embed("decoder_pos_embed", decoder_embed_dim)
+        self.decoder_blocks = nn.ModuleList(
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio=decoder_mlp_ratio, qkv_bias=qkv_bias, backend=backend)
+            for _ in range(decoder_depth)
+        )
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, out_dim)
+
+    def _init_parameters(self) -> None:
+        super()._init_parameters()
+        if not self.linear_decoder:
+            self._init_pos_embed("decoder_pos_embed")
+
+    def decode(self, x: torch.Tensor, coords: torch.Tensor | None, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder-width tokens (B, P+N, Dd) -> predictions (B, N, out_dim) with prefix dropped.
+
+        ``pos`` (B or 1, N, Dd) is added to the patch tokens (default: the decoder's own table).
+        """
+        if self.linear_decoder:
+            return self.decoder_pred(x[:, self.num_prefix_tokens :])
+        pos = self.decoder_pos_embed if pos is None else pos
+        if pos is not None:
+            p = self.num_prefix_tokens
+            x = torch.cat([x[:, :p], x[:, p:] + pos], dim=1)
+        rope = self.rope_for(coords, x.shape[-1] // self.decoder_num_heads)
+        for block in self.decoder_blocks:
+            x = block(x, rope=rope)
+        return self.decoder_pred(self.decoder_norm(x))[:, self.num_prefix_tokens :]

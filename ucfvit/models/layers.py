@@ -1,0 +1,144 @@
+"""Transformer layers shared by every ucfvit model: attention, MLP, block, drop path.
+
+Attention uses separate ``q``/``k``/``v`` projections and reshapes with ``-1`` heads, so a
+tensor-parallel plan can shard them column-wise and the same code runs with the local heads of
+a rank (see ``ucfvit.parallel.plans``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTN_BACKENDS = ("sdpa", "xformers", "math")
+
+__all__ = ["ATTN_BACKENDS", "attention", "Attention", "Mlp", "Block", "drop_path", "apply_rotary"]
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in ATTN_BACKENDS:
+        raise ValueError(f"attn_backend={backend!r} is unknown; choose one of {ATTN_BACKENDS}")
+    if backend == "xformers":
+        try:
+            import xformers.ops  # noqa: F401
+        except ImportError as err:
+            raise ValueError(
+                "attn_backend='xformers' needs the xformers package: pip install 'ucfvit[xformers]' "
+                "(CUDA only), or use attn_backend='sdpa'"
+            ) from err
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+    """Softmax attention of ``q, k, v`` shaped (B, heads, N, head_dim) -> (B, heads, N, head_dim)."""
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    if backend == "math":
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+        return scores.softmax(dim=-1) @ v
+    if backend == "xformers":
+        import xformers.ops as xops
+
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+    raise ValueError(f"attn_backend={backend!r} is unknown; choose one of {ATTN_BACKENDS}")
+
+
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate pairs of channels of ``x`` (B, heads, N, head_dim) by angles given as (cos, sin).
+
+    ``cos``/``sin`` are (B, 1, N, head_dim) with each angle repeated for the two channels of a
+    pair; channels that carry no position have cos=1, sin=0.
+    """
+    cos, sin = rope
+    x_pairs = x.unflatten(-1, (-1, 2))
+    rotated = torch.stack((-x_pairs[..., 1], x_pairs[..., 0]), dim=-1).flatten(-2)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate q/k/v projections (self- or cross-attention).
+
+    The head count is never stored: the projections' output size fixes it, so the module works
+    unchanged when a tensor-parallel plan leaves a rank with a slice of the heads.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, backend: str = "sdpa"):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"embed_dim={dim} must be divisible by num_heads={num_heads}")
+        _check_backend(backend)
+        self.head_dim = dim // num_heads
+        self.backend = backend
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Attend from ``x`` (B, N, D) to ``context`` (B, M, D), or to ``x`` itself."""
+        kv = x if context is None else context
+        b, n = x.shape[:2]
+        q = self.q(x).view(b, n, -1, self.head_dim).transpose(1, 2)  # (B, h, N, hd)
+        k = self.k(kv).view(b, kv.shape[1], -1, self.head_dim).transpose(1, 2)
+        v = self.v(kv).view(b, kv.shape[1], -1, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        out = attention(q, k, v, self.backend)  # (B, h, N, hd)
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class Mlp(nn.Module):
+    """Two-layer GELU MLP (``fc1`` -> GELU -> ``fc2``)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def drop_path(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Stochastic depth: multiply each sample's residual branch by ``scale`` (B,) = keep/keep_prob."""
+    if scale is None:
+        return x
+    return x * scale.view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
+
+    Randomness is an input (``drop_scale`` of shape (2, B), one row per residual branch), drawn
+    by the model outside the block, so activation checkpointing and compile can replay the block
+    exactly.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, *, mlp_ratio: float = 4.0, qkv_bias: bool = True, backend: str = "sdpa"
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, backend=backend)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        drop_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        s_attn, s_mlp = (None, None) if drop_scale is None else (drop_scale[0], drop_scale[1])
+        x = x + drop_path(self.attn(self.norm1(x), rope=rope), s_attn)
+        x = x + drop_path(self.mlp(self.norm2(x)), s_mlp)
+        return x
