@@ -48,7 +48,8 @@ class DiffusionViT(EncoderDecoder):
         rng: RandomSource = None,
     ) -> torch.Tensor:
         b = x.shape[0]
-        tokens = self.embed(x, variables) + self.time_embed(timestep_embed(t, self.embed_dim)).unsqueeze(1)
+        t_freq = timestep_embed(t, self.embed_dim).to(self.time_embed[0].weight.dtype)  # bf16 under mixed precision
+        tokens = self.embed(x, variables) + self.time_embed(t_freq).unsqueeze(1)
         coords = self.patch_coords(b, x.device)
         latent, _ = self.encode(tokens, coords, rng)
         y = latent if self.linear_decoder else self.decoder_embed(latent)

@@ -219,7 +219,7 @@ class VisionTransformer(nn.Module):
             if self.single_channel:
                 tokens = tokens + self.var_embed[idx[0]]
         if self.pos_embed is not None:
-            tokens = tokens + self.pos_embed
+            tokens = tokens + self.pos_embed.to(tokens.dtype)
         return tokens
 
     def patch_coords(self, batch: int, device: torch.device) -> torch.Tensor:
@@ -343,7 +343,7 @@ class EncoderDecoder(VisionTransformer):
         pos = self.decoder_pos_embed if pos is None else pos
         if pos is not None:
             p = self.num_prefix_tokens
-            x = torch.cat([x[:, :p], x[:, p:] + pos], dim=1)
+            x = torch.cat([x[:, :p], x[:, p:] + pos.to(x.dtype)], dim=1)
         rope = self.rope_for(coords, x.shape[-1] // self.decoder_num_heads)
         for block in self.decoder_blocks:
             x = block(x, rope=rope)

@@ -52,7 +52,7 @@ def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> to
     ``cos``/``sin`` are (B, 1, N, head_dim) with each angle repeated for the two channels of a
     pair; channels that carry no position have cos=1, sin=0.
     """
-    cos, sin = rope
+    cos, sin = rope[0].to(x.dtype), rope[1].to(x.dtype)
     x_pairs = x.unflatten(-1, (-1, 2))
     rotated = torch.stack((-x_pairs[..., 1], x_pairs[..., 0]), dim=-1).flatten(-2)
     return x * cos + rotated * sin
@@ -73,7 +73,9 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.backend = backend
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.k = nn.Linear(dim, dim, bias=qkv_bias)
+        # No key bias: it adds q.b_k to every score of a query, which softmax cancels, so it would
+        # have no effect on the output and an exactly zero gradient (pure noise under Adam).
+        self.k = nn.Linear(dim, dim, bias=False)
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 

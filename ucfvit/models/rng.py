@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["SampleRNG", "rand", "RandomSource"]
+__all__ = ["SampleRNG", "rand", "randn", "RandomSource"]
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant, spreads nearby seeds apart
 
@@ -71,3 +71,11 @@ def rand(source: RandomSource, shape: Sequence[int], device: torch.device | str)
     if isinstance(source, SampleRNG):
         return source.rand(shape, device)
     raise TypeError(f"rng must be None, a torch.Generator or a SampleRNG, got {type(source).__name__}")
+
+
+def randn(source: RandomSource, shape: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """Standard normal noise from ``source`` (Box-Muller on two :func:`rand` draws, so a
+    :class:`SampleRNG` keys it by sample index like every other draw)."""
+    u1 = rand(source, shape, device).clamp_min(1e-12)
+    u2 = rand(source, shape, device)
+    return (-2.0 * u1.log()).sqrt() * torch.cos(2 * torch.pi * u2)

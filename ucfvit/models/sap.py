@@ -86,7 +86,7 @@ class SAP(EncoderDecoder):
         self.variable_index(variables, patches.shape[2])
         tokens = self.patch_embed(patches)
         if self.pos_embed_kind == "sincos":
-            tokens = tokens + self._position(coords, sizes, self.embed_dim)
+            tokens = tokens + self._position(coords, sizes, self.embed_dim).to(tokens.dtype)
         centres = (coords.float() + sizes.unsqueeze(-1).float() / 2) / self.patch_size
         latent, _ = self.encode(tokens, centres, rng)
         if self.linear_decoder:

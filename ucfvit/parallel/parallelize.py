@@ -1,0 +1,167 @@
+"""``parallelize(model, mesh)``: the one code path from a single CPU to thousands of GPUs.
+
+Order (as in torchtitan): tensor parallel -> activation checkpointing -> compile -> FSDP per
+block -> FSDP on the root. TP first because FSDP shards the DTensors TP creates; AC and compile
+wrap the block's forward before FSDP adds its hooks around the module call, so each block's
+all-gather/reduce-scatter stays outside the compiled and recomputed region.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
+from torch.distributed.tensor.parallel import parallelize_module
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from ucfvit.models.encoder import VisionTransformer
+
+from .mesh import MESH_DIMS
+from .plans import ModelPlan, StyleSpec, check_tp_divisibility, match_modules, plan_for, register_plan, resolve_style, vit_plan
+
+__all__ = ["parallelize", "AC_MODES", "dp_mesh_of"]
+
+AC_MODES = ("none", "full", "selective")
+
+register_plan(VisionTransformer, vit_plan)
+
+# Selective AC keeps the outputs of matmuls, attention kernels and collectives and recomputes
+# the cheap element-wise ops (norms, GELU, residual adds) in backward.
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops._c10d_functional.all_reduce.default,
+    torch.ops._c10d_functional.reduce_scatter_tensor.default,
+    torch.ops._c10d_functional.all_gather_into_tensor.default,
+}
+
+
+def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _apply_activation_checkpointing(block: nn.Module, mode: str) -> None:
+    """Checkpoint ``block``'s forward in place (module names and state-dict keys are unchanged)."""
+    inner = block.forward
+    context_fn = (
+        functools.partial(create_selective_checkpoint_contexts, _selective_policy) if mode == "selective" else None
+    )
+
+    @functools.wraps(inner)
+    def forward(*args, **kwargs):
+        extra = {"context_fn": context_fn} if context_fn else {}
+        return checkpoint(inner, *args, use_reentrant=False, **extra, **kwargs)
+
+    block.forward = forward
+
+
+def _shard_placement(param: nn.Parameter, shards: int) -> Shard | None:
+    """FSDP shards dim 0 unless it is shorter than the shard count (``pos_embed`` is (1, N, D),
+    ``cls_token`` (1, 1, D)): then the longest dim, so such tensors do not land whole on rank 0."""
+    if param.ndim < 2 or param.shape[0] >= shards:
+        return None
+    return Shard(max(range(param.ndim), key=lambda d: param.shape[d]))
+
+
+def dp_mesh_of(mesh: DeviceMesh) -> DeviceMesh:
+    """The data-parallel mesh FSDP shards over, chosen so no collective runs on a size-1 group.
+
+    ddp > 1: 2-D ``(ddp, fsdp)`` -- HSDP, or pure replication when fsdp = 1. ddp = 1: the 1-D
+    ``fsdp`` mesh (a 2-D mesh would all-reduce every block over its size-1 replicate dimension);
+    on 1x1x1 this is a size-1 mesh: no collective, but bf16 compute over fp32 master weights.
+    """
+    return mesh["ddp", "fsdp"] if mesh["ddp"].size() > 1 else mesh["fsdp"]
+
+
+def _resolve_plan(model: nn.Module, plan: Mapping[str, StyleSpec] | ModelPlan | None, sequence_parallel: bool) -> ModelPlan:
+    if isinstance(plan, ModelPlan):
+        return plan
+    default = plan_for(model, sequence_parallel)
+    if plan is None:
+        if default is None:
+            raise ValueError(
+                f"no tensor-parallel plan is registered for {type(model).__name__}: pass plan={{'pattern': 'colwise'|"
+                "'rowwise'|ParallelStyle, ...}} or register one with ucfvit.parallel.register_plan"
+            )
+        return default
+    return ModelPlan(tp=dict(plan), blocks=default.blocks if default else ())
+
+
+def parallelize(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    *,
+    plan: Mapping[str, StyleSpec] | ModelPlan | None = None,
+    blocks: Sequence[str] | None = None,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype = torch.float32,
+    activation_checkpointing: str = "none",
+    compile: bool | str = False,
+    reshard_after_forward: bool = True,
+    sequence_parallel: bool = False,
+) -> nn.Module:
+    """Parallelize ``model`` in place over a ``("ddp", "fsdp", "tp")`` mesh and return it.
+
+    Args:
+        model: any module; built-in families bring their plan. Preferably on the meta device,
+            then ``model.to_empty(device=...)`` and ``model.init_weights()`` afterwards.
+        mesh: from :func:`ucfvit.parallel.make_mesh`.
+        plan: tensor-parallel plan ``{"pattern": "colwise"|"rowwise"|ParallelStyle}`` (``*`` = one
+            name segment) or a :class:`ModelPlan`; default: the registered plan of the model.
+        blocks: patterns of the repeated blocks (FSDP units, AC, compile); default: the plan's.
+        param_dtype: compute dtype of parameters (e.g. ``torch.bfloat16``) over fp32 master weights.
+        reduce_dtype: gradient reduction dtype.
+        activation_checkpointing: ``"none"``, ``"full"`` or ``"selective"`` (per block).
+        compile: ``torch.compile`` each block (True, or a backend name).
+        reshard_after_forward: free gathered parameters of inner blocks after forward; the root
+            and the last block always keep them (backward needs them first).
+        sequence_parallel: run norms on sequence shards inside blocks (tp > 1).
+    """
+    if tuple(mesh.mesh_dim_names or ()) != MESH_DIMS:
+        raise ValueError(f"mesh must have dimensions {MESH_DIMS} (use ucfvit.parallel.make_mesh), got {mesh.mesh_dim_names}")
+    if activation_checkpointing not in AC_MODES:
+        raise ValueError(f"activation_checkpointing={activation_checkpointing!r} is unknown; choose one of {AC_MODES}")
+    resolved = _resolve_plan(model, plan, sequence_parallel)
+    block_patterns = tuple(blocks) if blocks is not None else resolved.blocks
+    tp = mesh["tp"].size()
+
+    # Validate everything from the config alone before any collective (all ranks agree).
+    tp_matches = match_modules(model, resolved.tp)  # a pattern matching nothing is an error on any mesh
+    if tp > 1:
+        check_tp_divisibility(tp_matches, resolved.tp, tp)
+    block_modules = [m for hits in match_modules(model, block_patterns).values() for _, m in hits]
+
+    if tp > 1:
+        tp_mesh = mesh["tp"]
+        for pattern, hits in tp_matches.items():
+            for _, module in hits:
+                parallelize_module(module, tp_mesh, resolve_style(resolved.tp[pattern]))
+
+    for block in block_modules:
+        if activation_checkpointing != "none":
+            _apply_activation_checkpointing(block, activation_checkpointing)
+        if compile:
+            block.compile(**({"backend": compile} if isinstance(compile, str) else {}))
+
+    dp_mesh = dp_mesh_of(mesh)
+    fsdp_kwargs = dict(
+        mesh=dp_mesh,
+        mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
+        shard_placement_fn=functools.partial(_shard_placement, shards=dp_mesh.size(-1)),
+    )
+    for i, block in enumerate(block_modules):
+        # The last block runs first in backward: keeping it gathered saves an all-gather.
+        last = i == len(block_modules) - 1
+        fully_shard(block, reshard_after_forward=reshard_after_forward and not last, **fsdp_kwargs)
+    fully_shard(model, reshard_after_forward=False, **fsdp_kwargs)
+    return model

@@ -1,0 +1,192 @@
+"""Tensor-parallel plans as data: module-name patterns -> ParallelStyle.
+
+A pattern is a module FQN in which ``*`` stands for one name segment (``blocks.*.attn.q``
+matches ``blocks.3.attn.q`` but not ``blocks.3.x.attn.q``). The built-in families share one plan
+because they share module names (Megatron layout per block):
+
+* ``attn.q/k/v`` and ``mlp.fc1`` column-wise, ``attn.proj`` and ``mlp.fc2`` row-wise: two
+  all-reduces forward and two backward per block.
+* ``attn`` takes its input as a replicated DTensor, so the gradients of q, k and v are summed
+  locally and all-reduced once (the Megatron minimum), not three times.
+* With sequence parallelism the norms run on sequence shards: each block's input is split along
+  tokens, attention/MLP inputs are all-gathered and their outputs reduce-scattered, and the block
+  output is gathered again (blocks exchange full sequences, so skip taps and decoders need no
+  special case).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+)
+
+__all__ = ["ModelPlan", "register_plan", "plan_for", "vit_plan", "resolve_style", "match_modules", "SequenceParallelBlock"]
+
+StyleSpec = ParallelStyle | str
+
+
+@dataclass
+class ModelPlan:
+    """How to parallelize a model.
+
+    Attributes:
+        tp: pattern -> style (``"colwise"``, ``"rowwise"`` or a ParallelStyle), applied when tp > 1.
+        blocks: patterns of the repeated blocks; each is one FSDP unit and gets activation
+            checkpointing and compile. Everything else belongs to the root unit.
+    """
+
+    tp: dict[str, StyleSpec] = field(default_factory=dict)
+    blocks: tuple[str, ...] = ()
+
+
+class SequenceParallelBlock(ParallelStyle):
+    """Runs a transformer block on sequence shards and returns the full sequence.
+
+    Splits the (replicated) input along tokens, turns a tensor ``drop_scale`` keyword into a
+    replicated DTensor (so stochastic depth can scale sharded activations), and all-gathers the
+    output. Uneven token counts are fine (DTensor pads internally).
+    """
+
+    def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+        def pre_hook(_mod, args, kwargs):
+            x = DTensor.from_local(args[0], mesh, (Replicate(),), run_check=False).redistribute(mesh, (Shard(1),))
+            scale = kwargs.get("drop_scale")
+            if isinstance(scale, torch.Tensor):
+                kwargs = {**kwargs, "drop_scale": DTensor.from_local(scale, mesh, (Replicate(),), run_check=False)}
+            return (x, *args[1:]), kwargs
+
+        def post_hook(_mod, _args, out):
+            return out.redistribute(mesh, (Replicate(),)).to_local()
+
+        module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        module.register_forward_hook(post_hook)
+        return module
+
+
+def block_tp_plan(prefix: str, sequence_parallel: bool) -> dict[str, StyleSpec]:
+    """Megatron plan for the blocks matched by ``prefix`` (e.g. ``"blocks.*"``)."""
+    if not sequence_parallel:
+        return {
+            f"{prefix}.attn": PrepareModuleInput(
+                input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),), use_local_output=False
+            ),
+            f"{prefix}.attn.q": ColwiseParallel(),
+            f"{prefix}.attn.k": ColwiseParallel(),
+            f"{prefix}.attn.v": ColwiseParallel(),
+            f"{prefix}.attn.proj": RowwiseParallel(),
+            f"{prefix}.mlp.fc1": ColwiseParallel(),
+            f"{prefix}.mlp.fc2": RowwiseParallel(),
+        }
+    gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=False)
+    return {
+        prefix: SequenceParallelBlock(),
+        f"{prefix}.norm1": SequenceParallel(),
+        f"{prefix}.norm2": SequenceParallel(),
+        f"{prefix}.attn": gather,
+        f"{prefix}.attn.q": ColwiseParallel(),
+        f"{prefix}.attn.k": ColwiseParallel(),
+        f"{prefix}.attn.v": ColwiseParallel(),
+        f"{prefix}.attn.proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+        f"{prefix}.mlp": gather,
+        f"{prefix}.mlp.fc1": ColwiseParallel(),
+        f"{prefix}.mlp.fc2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+    }
+
+
+def vit_plan(model: nn.Module, sequence_parallel: bool = False) -> ModelPlan:
+    """The plan of every ucfvit family: encoder ``blocks`` and, if present, ``decoder_blocks``.
+
+    Patch embedding, variable aggregation, norms outside blocks, heads and convolutional
+    decoders stay out of tensor parallelism (replicated on tp, sharded by FSDP).
+    """
+    prefixes = ["blocks.*"] + (["decoder_blocks.*"] if len(getattr(model, "decoder_blocks", ())) else [])
+    tp: dict[str, StyleSpec] = {}
+    for prefix in prefixes:
+        tp.update(block_tp_plan(prefix, sequence_parallel))
+    return ModelPlan(tp=tp, blocks=tuple(prefixes))
+
+
+_PLANS: dict[type, Callable[[nn.Module, bool], ModelPlan]] = {}
+
+
+def register_plan(model_cls: type, plan_fn: Callable[[nn.Module, bool], ModelPlan]) -> None:
+    """Register ``plan_fn(model, sequence_parallel) -> ModelPlan`` for instances of ``model_cls``."""
+    _PLANS[model_cls] = plan_fn
+
+
+def plan_for(model: nn.Module, sequence_parallel: bool = False) -> ModelPlan | None:
+    """The registered plan of ``model``'s class (nearest base class wins), or None."""
+    for cls in type(model).__mro__:
+        if cls in _PLANS:
+            return _PLANS[cls](model, sequence_parallel)
+    return None
+
+
+def resolve_style(style: StyleSpec) -> ParallelStyle:
+    if isinstance(style, ParallelStyle):
+        return style
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    if style not in styles:
+        raise ValueError(f"tensor-parallel style {style!r} is unknown; use 'colwise', 'rowwise' or a ParallelStyle")
+    return styles[style]()
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    return re.compile("^" + re.escape(pattern).replace(r"\*", r"[^.]+") + "$")
+
+
+def match_modules(model: nn.Module, patterns: Iterable[str]) -> dict[str, list[tuple[str, nn.Module]]]:
+    """For each pattern, the (name, module) pairs it matches; a pattern matching nothing is an error."""
+    named = list(model.named_modules())
+    out: dict[str, list[tuple[str, nn.Module]]] = {}
+    for pattern in patterns:
+        regex = _pattern_regex(pattern)
+        hits = [(n, m) for n, m in named if regex.match(n)]
+        if not hits:
+            examples = [n for n, _ in named if n][:6]
+            raise ValueError(
+                f"plan pattern {pattern!r} matches no module of {type(model).__name__}; "
+                f"module names look like {examples} ('*' matches one name segment)"
+            )
+        out[pattern] = hits
+    return out
+
+
+def check_tp_divisibility(matches: Mapping[str, list[tuple[str, nn.Module]]], plan: Mapping[str, StyleSpec], tp: int) -> None:
+    """Shapes a tp degree must divide: sharded Linear dims and the heads of ucfvit attention."""
+    from ucfvit.models.layers import Attention
+
+    for pattern, hits in matches.items():
+        style = plan[pattern]
+        for name, module in hits:
+            if isinstance(module, Attention):
+                heads = module.q.out_features // module.head_dim
+                if heads % tp:
+                    raise ValueError(
+                        f"{name} has {heads} heads, not divisible by tp={tp}; choose tp among "
+                        f"{[d for d in range(1, heads + 1) if heads % d == 0]} or another num_heads"
+                    )
+            if isinstance(module, nn.Linear):
+                dim = module.out_features if _is_colwise(style) else module.in_features if _is_rowwise(style) else 0
+                if dim % tp:
+                    raise ValueError(f"{name}: dimension {dim} of a tensor-parallel Linear is not divisible by tp={tp}")
+
+
+def _is_colwise(style: StyleSpec) -> bool:
+    return style == "colwise" or isinstance(style, ColwiseParallel)
+
+
+def _is_rowwise(style: StyleSpec) -> bool:
+    return style == "rowwise" or isinstance(style, RowwiseParallel)
