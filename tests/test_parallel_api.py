@@ -64,7 +64,7 @@ def test_meta_build_parallelize_then_materialise(family):
         assert abs(rank["q_std"] - expected) / expected < 0.15, rank
 
 
-@pytest.mark.parametrize("world, spec", [(2, "1x2x1"), (2, "1x1x2"), (8, "2x2x2")])
+@pytest.mark.parametrize("world, spec", [(1, "1x1x1"), (2, "2x1x1"), (2, "1x2x1"), (2, "1x1x2"), (8, "2x2x2")])
 def test_clip_grad_norm_matches_single_process_clip(world, spec):
     r = run_ranks(world, "misc_cases:clip_matches_reference", spec, 0.05)[0]
     assert r["clipped"], "the test must actually clip"

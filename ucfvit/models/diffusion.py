@@ -53,7 +53,8 @@ class DiffusionViT(EncoderDecoder):
         coords = self.patch_coords(b, x.device)
         latent, _ = self.encode(tokens, coords, rng)
         y = latent if self.linear_decoder else self.decoder_embed(latent)
-        return unpatchify(self.decode(y, coords), self.patch_size, self.img_size)
+        # contiguous(): return a fresh tensor rather than a permuted view of the decoder output.
+        return unpatchify(self.decode(y, coords), self.patch_size, self.img_size).contiguous()
 
 
 class DDPMScheduler:

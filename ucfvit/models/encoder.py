@@ -338,6 +338,7 @@ class EncoderDecoder(VisionTransformer):
 
         ``pos`` (B or 1, N, Dd) is added to the patch tokens (default: the decoder's own table).
         """
+        # Prefix tokens are dropped before the last linear, so the output is a fresh tensor (not a view).
         if self.linear_decoder:
             return self.decoder_pred(x[:, self.num_prefix_tokens :])
         pos = self.decoder_pos_embed if pos is None else pos
@@ -347,4 +348,4 @@ class EncoderDecoder(VisionTransformer):
         rope = self.rope_for(coords, x.shape[-1] // self.decoder_num_heads)
         for block in self.decoder_blocks:
             x = block(x, rope=rope)
-        return self.decoder_pred(self.decoder_norm(x))[:, self.num_prefix_tokens :]
+        return self.decoder_pred(self.decoder_norm(x)[:, self.num_prefix_tokens :])

@@ -1,0 +1,111 @@
+"""The trainer: presets, schedule, accumulation, errors, export, crash-safe checkpoints and
+resharding (CPU, gloo, forked ranks; see tests/train_cases.py for the worker side)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+
+from distributed import run_ranks
+from ucfvit.train.checkpoint import find_checkpoint, is_complete
+from ucfvit.train.optim import lr_at
+from ucfvit.train.presets import preset
+
+
+def test_lr_schedule_values():
+    cfg = preset("mae", accelerator=False)
+    cfg.max_steps, cfg.optim.lr = 110, 1e-3
+    cfg.schedule.warmup_steps, cfg.schedule.warmup_start_lr, cfg.schedule.min_lr = 10, 1e-5, 1e-6
+    assert lr_at(0, cfg) == pytest.approx(1e-5)
+    assert lr_at(5, cfg) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, cfg) == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))  # half-way through the cosine
+    assert lr_at(110, cfg) == pytest.approx(1e-6)
+    cfg.optim.lr_scaling, cfg.data.global_batch_size = "linear", 512
+    assert lr_at(10, cfg) == pytest.approx(2e-3)
+
+
+def test_every_preset_runs_three_steps_in_2d_and_3d(tmp_path):
+    results = run_ranks(1, "train_cases:all_presets", 3, str(tmp_path), timeout=400)[0]
+    assert {(r["model"], r["ndim"]) for r in results} == {(m, d) for m in ("vit", "mae", "unetr", "sap", "diffusion") for d in (2, 3)}
+    for r in results:
+        assert r["steps"] == 3 and math.isfinite(r["loss"]), r
+
+
+def test_gradient_accumulation_equals_one_large_batch(tmp_path):
+    common = ["--mesh", "1x2x1", "--max-steps", "2", "--data.global-batch-size", "8"]
+    big = run_ranks(2, "train_cases:run", "mae", [*common, "--run.dir", str(tmp_path / "a")])[0]
+    acc = run_ranks(2, "train_cases:run", "mae", [*common, "--data.micro-batch-size", "2", "--run.dir", str(tmp_path / "b")])[0]
+    assert abs(big["loss"] - acc["loss"]) < 1e-6
+    for k, v in big["params"].items():
+        assert abs(v - acc["params"][k]) <= 1e-5 * max(1.0, abs(v)), k
+
+
+def test_exported_safetensors_reproduce_the_parallel_model(tmp_path):
+    r = run_ranks(4, "train_cases:export_matches", "mae", ["--mesh", "1x2x2", "--max-steps", "2", "--run.dir", str(tmp_path)])[0]
+    assert r["plain_is_plain"] and r["diff"] < 1e-5, r
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "model_config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "world, argv, match",
+    [
+        (2, ["--mesh", "2x2x2"], r"mesh 2x2x2 has 8 ranks but the world size is 2"),
+        (2, ["--mesh", "1x2x1", "--checkpoint.resume", "/nonexistent/ckpt"], r"--checkpoint.resume=/nonexistent/ckpt: no complete checkpoint"),
+        (2, ["--mesh", "1x2x1", "--run.dir", "/dev/null/run"], r"--run.dir=/dev/null/run is not writable"),
+        (2, ["--mesh", "1x1x2", "--arch.num-heads", "3", "--arch.embed-dim", "48"], r"num_heads=3 .* not divisible by tp=2"),
+        (2, ["--mesh", "1x2x1", "--data.global-batch-size", "5"], r"global-batch-size=5 must be divisible by the data-parallel size"),
+    ],
+)
+def test_bad_options_fail_on_every_rank_before_any_collective(world, argv, match, tmp_path):
+    if "--run.dir" not in argv:
+        argv = [*argv, "--run.dir", str(tmp_path)]
+    messages = run_ranks(world, "train_cases:error", "mae", argv, timeout=120)
+    for msg in messages:
+        assert re.search(match, msg), msg
+
+
+def test_incompatible_checkpoint_is_refused(tmp_path):
+    run_ranks(1, "train_cases:run", "mae", ["--max-steps", "1", "--run.dir", str(tmp_path)])
+    msgs = run_ranks(2, "train_cases:error", "mae", ["--mesh", "1x2x1", "--arch.depth", "3", "--checkpoint.resume",
+                                                     "auto", "--run.dir", str(tmp_path)], timeout=120)
+    for msg in msgs:
+        assert re.search(r"holds a different model \(arch.depth: checkpoint None, this run 3\)", msg), msg
+
+
+@pytest.mark.parametrize("when", ["start", "after_shards"])
+def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path, when):
+    argv = ["--max-steps", "4", "--checkpoint.every", "2", "--run.dir", str(tmp_path)]
+    with pytest.raises(RuntimeError, match="exit code"):
+        run_ranks(1, "train_cases:crash_during_save", "mae", argv, when)
+    assert (tmp_path / "checkpoints" / "step-00000004.tmp").is_dir()  # the interrupted write
+    ckpt = find_checkpoint(tmp_path)
+    assert ckpt is not None and ckpt.name == "step-00000002" and is_complete(ckpt)
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step-00000002"
+    resumed = run_ranks(1, "train_cases:run", "mae", [*argv, "--checkpoint.resume", "auto"])[0]
+    assert resumed["steps"] == 4 and find_checkpoint(tmp_path).name == "step-00000004"
+
+
+def test_checkpoint_keys_do_not_depend_on_activation_checkpointing_or_compile(tmp_path):
+    plain = run_ranks(2, "train_cases:checkpoint_keys", "vit", ["--mesh", "1x1x2", "--max-steps", "1", "--run.dir", str(tmp_path / "a")])[0]
+    ac = run_ranks(2, "train_cases:checkpoint_keys", "vit", ["--mesh", "1x1x2", "--max-steps", "1", "--run.dir", str(tmp_path / "b"),
+                                                            "--parallel.activation-checkpointing", "full"])[0]
+    assert plain == ac and "blocks.0.attn.q.weight" in plain
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert saved["model"] == "vit"
+
+
+def test_compile_keeps_module_names():
+    import torch
+
+    from ucfvit.models import build_model
+
+    model = build_model("vit", "debug")
+    names = sorted(model.state_dict())
+    for block in model.blocks:
+        block.compile()  # what parallelize(compile=True) does; compilation itself is lazy
+    assert sorted(model.state_dict()) == names
+    assert isinstance(model.blocks[0], torch.nn.Module)

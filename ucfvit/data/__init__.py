@@ -1,0 +1,5 @@
+"""Data sources and loaders."""
+
+from .synthetic import SyntheticImages
+
+__all__ = ["SyntheticImages"]

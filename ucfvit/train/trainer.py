@@ -1,0 +1,299 @@
+"""The training loop behind ``recipes/train.py``.
+
+Order of a run: validate the config on every rank (no collective yet) -> build the mesh -> build
+the model on the meta device -> parallelize -> materialise + init -> resume -> train. Data and
+forward randomness are keyed by (seed, step, global sample index), so a run gives the same
+result on any mesh and after any resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch import nn
+
+from ucfvit.data import SyntheticImages
+from ucfvit.models import DDPMScheduler, SampleRNG, build_model
+from ucfvit.models.registry import MODELS, model_arguments
+from ucfvit.parallel import clip_grad_norm_, full_state_dict, local_batch_range, make_mesh, parallelize, parse_mesh
+
+from .checkpoint import Checkpointer, decode_rng, encode_rng, find_checkpoint, read_checkpoint_config
+from .config import Config
+from .losses import task_loss
+from .metrics import Throughput, append_jsonl, format_progress, peak_flops, train_flops_per_sample
+from .optim import build_optimizer, lr_at
+
+__all__ = ["train", "validate_config", "model_kwargs", "TrainResult"]
+
+# Ranks agree on a stop request (SIGTERM/SIGINT) at the next synchronisation point: every
+# log step, checkpoint step, and at least every SYNC_EVERY steps.
+SYNC_EVERY = 10
+ARCH_KEYS_THAT_MUST_MATCH = ("img_size", "in_chans", "num_classes", "patch_size", "embed_dim", "depth", "num_heads",
+                             "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "pos_embed", "time_steps")  # fmt: skip
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the parallelized model and how far the run got."""
+
+    model: nn.Module
+    steps_done: int
+    stopped_early: bool
+    last_loss: float | None
+    run_dir: Path
+
+
+def model_kwargs(cfg: Config) -> dict:
+    """Constructor overrides for ``build_model(cfg.model, cfg.model_size, **kwargs)``."""
+    accepted = model_arguments(MODELS[cfg.model])
+    values = {k: v for k, v in vars(cfg.arch).items() if v is not None and k in accepted}
+    values["img_size"] = tuple(cfg.arch.img_size)
+    return values
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def validate_config(cfg: Config) -> Path | None:
+    """Every check that needs no communication; returns the checkpoint to resume from (or None).
+
+    Runs on every rank before the first collective, so a bad option fails everywhere at once.
+    """
+    shape = parse_mesh(cfg.mesh, _world_size())
+    if cfg.max_steps <= 0:
+        raise ValueError(f"--max-steps={cfg.max_steps} must be positive")
+    global_batch, micro = cfg.data.global_batch_size, cfg.data.micro_batch_size
+    if global_batch % shape.dp_size:
+        raise ValueError(
+            f"--data.global-batch-size={global_batch} must be divisible by the data-parallel size "
+            f"ddp*fsdp={shape.dp_size} of mesh {shape}"
+        )
+    local = global_batch // shape.dp_size
+    if micro is not None and (micro <= 0 or local % micro):
+        raise ValueError(f"--data.micro-batch-size={micro} must divide the per-rank batch {local}")
+    if cfg.metrics.log_every <= 0 or cfg.checkpoint.every < 0:
+        raise ValueError("--metrics.log-every must be positive and --checkpoint.every non-negative")
+    with torch.device("meta"):  # shape errors, before any collective
+        probe = build_model(cfg.model, cfg.model_size, **model_kwargs(cfg))
+    for name in ("num_heads", "decoder_num_heads"):
+        heads = getattr(probe, name, None)
+        if heads and heads % shape.tp:
+            raise ValueError(
+                f"{name}={heads} of {cfg.model}/{cfg.model_size} is not divisible by tp={shape.tp} of mesh {shape}: "
+                f"use --arch.{name.replace('_', '-')} or another mesh"
+            )
+    run_dir = cfg.run.dir.resolve()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"--run.dir={cfg.run.dir} is not writable ({err.strerror}); choose another directory") from err
+    resume = cfg.checkpoint.resume
+    if resume == "none":
+        ckpt = None
+    elif resume == "auto":
+        ckpt = find_checkpoint(run_dir)
+    else:
+        ckpt = find_checkpoint(Path(resume))
+        if ckpt is None:
+            raise ValueError(f"--checkpoint.resume={resume}: no complete checkpoint there (use 'auto' to start fresh if none)")
+    if ckpt is not None:
+        _check_compatible(cfg, ckpt)
+    return ckpt
+
+
+def _check_compatible(cfg: Config, ckpt: Path) -> None:
+    saved = read_checkpoint_config(ckpt)
+    mine = cfg.to_dict()
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {mine[k]!r}" for k in ("model", "model_size") if saved.get(k) != mine[k]]
+    diffs += [
+        f"arch.{k}: checkpoint {saved['arch'].get(k)!r}, this run {mine['arch'][k]!r}"
+        for k in ARCH_KEYS_THAT_MUST_MATCH
+        if saved.get("arch", {}).get(k) != mine["arch"][k]
+    ]
+    if diffs:
+        raise ValueError(
+            f"checkpoint {ckpt} holds a different model ({'; '.join(diffs)}); "
+            "pass matching options or a new --run.dir"
+        )
+
+
+class _StopFlag:
+    """Set by SIGTERM (SLURM preemption) or SIGINT (Ctrl-C); checked collectively."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (host RSS)
+
+
+def train(cfg: Config) -> TrainResult:
+    """Run (or resume) the training described by ``cfg``; see the module doc."""
+    ckpt = validate_config(cfg)
+    mesh = make_mesh(cfg.mesh)
+    rank = dist.get_rank()
+    device_type = mesh.device_type
+    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    run_dir = cfg.run.dir.resolve()
+    if rank == 0:
+        print(f"ucfvit: {cfg.model}/{cfg.model_size} on mesh {cfg.mesh} ({device_type}), run dir {run_dir}", flush=True)
+        print(json.dumps(cfg.to_dict(), indent=2), flush=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    with torch.device("meta"):
+        model = build_model(cfg.model, cfg.model_size, **model_kwargs(cfg))
+    param_dtype = {"float32": None, "bfloat16": torch.bfloat16, "auto": torch.bfloat16 if device_type == "cuda" else None}
+    parallelize(
+        model, mesh,
+        param_dtype=param_dtype[cfg.parallel.param_dtype],
+        activation_checkpointing=cfg.parallel.activation_checkpointing,
+        compile=cfg.parallel.compile,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        reshard_after_forward=cfg.parallel.reshard_after_forward,
+    )  # fmt: skip
+    model.to_empty(device=device)
+    torch.manual_seed(cfg.run.seed)
+    model.init_weights()
+    model.train()
+    optimizer = build_optimizer(model, cfg, device_type)
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep)
+
+    start_step, start_offset = 0, 0
+    if ckpt is not None:
+        state = checkpointer.load(ckpt, model, optimizer)
+        start_step, start_offset = state["step"], state["data_offset"]
+        decode_rng(state["rng"])
+        if rank == 0:
+            print(f"resumed from {ckpt} at step {start_step} (data offset {state['data_offset']})", flush=True)
+
+    data = SyntheticImages(cfg.arch.img_size, cfg.arch.in_chans, cfg.arch.num_classes, seed=cfg.run.seed)
+    ddpm = DDPMScheduler(cfg.arch.time_steps) if cfg.model == "diffusion" else None
+    global_batch = cfg.data.global_batch_size
+    rows = local_batch_range(mesh, global_batch)
+    micro = cfg.data.micro_batch_size or len(rows)
+    accum = len(rows) // micro
+    flops_per_step = train_flops_per_sample(model) * global_batch
+    peak = peak_flops(device)
+    world = dist.get_world_size()
+
+    def data_offset(step: int) -> int:
+        """Global index of the first sample of ``step``: continues from the checkpoint's position,
+        so the sample stream is the same on any mesh (and never repeats if the batch size changes)."""
+        return start_offset + (step - start_step) * global_batch
+
+    def save(step: int) -> None:
+        state = {"step": step, "data_offset": data_offset(step), "lr": lr_at(step, cfg), "rng": encode_rng()}
+        path = checkpointer.save(step, model, optimizer, state, cfg.to_dict())
+        if rank == 0:
+            print(f"checkpoint {path}", flush=True)
+
+    stop = _StopFlag()
+    timer = Throughput(start_step)
+    last_loss, stopped, done = None, False, start_step
+    try:
+        for step in range(start_step, cfg.max_steps):
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for m in range(accum):
+                start = rows.start + m * micro
+                offset = data_offset(step) + start  # global index of the micro-batch's first sample
+                batch = {k: v.to(device, non_blocking=True) for k, v in data.batch(range(offset, offset + micro)).items()}
+                if accum > 1:
+                    model.set_requires_gradient_sync(m == accum - 1)
+                loss = task_loss(cfg.model, model, batch, SampleRNG(cfg.run.seed, step, start, global_batch), ddpm) / accum
+                loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            log_now = done % cfg.metrics.log_every == 0 or done == cfg.max_steps
+            ckpt_now = cfg.checkpoint.every > 0 and done % cfg.checkpoint.every == 0
+            if not (log_now or ckpt_now or done % SYNC_EVERY == 0):
+                continue  # no host sync on this step
+            # One all-reduce carries the loss (mean over ranks = mean over data-parallel ranks)
+            # and the stop flag (any rank asked to stop).
+            stats = torch.stack([loss_sum.float(), torch.tensor(float(stop.requested), device=device)])
+            dist.all_reduce(stats)
+            last_loss = stats[0].item() / world
+            stop_now = stats[1].item() > 0
+            if log_now and rank == 0:
+                interval, overall = timer.update(done)
+                tflops = flops_per_step / interval / 1e12
+                record = {
+                    "step": done, "max_steps": cfg.max_steps, "loss": last_loss, "lr": lr,
+                    "grad_norm": float(grad_norm), "images_per_s": global_batch / interval,
+                    "tokens_per_s": global_batch * model.num_patches / interval, "tflops": tflops,
+                    "mfu": None if peak is None else tflops * 1e12 / (peak * world),
+                    "peak_mem_gib": _peak_memory_gib(device), "eta_s": overall * (cfg.max_steps - done),
+                    "time": time.time(),
+                }  # fmt: skip
+                print(format_progress(record), flush=True)
+                append_jsonl(run_dir / "metrics.jsonl", record)
+            if ckpt_now or stop_now:
+                save(done)
+            if stop_now:
+                stopped = True
+                if rank == 0:
+                    print(f"stop requested: saved step {done}, exiting", flush=True)
+                break
+        if not stopped and done > start_step:
+            if not (cfg.checkpoint.every > 0 and cfg.max_steps % cfg.checkpoint.every == 0):
+                save(cfg.max_steps)
+            if cfg.checkpoint.export_safetensors:
+                export_safetensors(model, cfg, run_dir)
+    finally:
+        stop.restore()
+    return TrainResult(model, steps_done=done, stopped_early=stopped, last_loss=last_loss, run_dir=run_dir)
+
+
+def export_safetensors(model: nn.Module, cfg: Config, run_dir: Path) -> None:
+    """Write ``model.safetensors`` + ``model_config.json`` (collective gather; rank 0 writes)."""
+    state = full_state_dict(model)
+    if dist.get_rank() == 0:
+        tensors = {k: v.contiguous() for k, v in state.items()}
+        save_file(tensors, str(run_dir / "model.safetensors.tmp"))
+        os.replace(run_dir / "model.safetensors.tmp", run_dir / "model.safetensors")
+        spec = {"model": cfg.model, "size": cfg.model_size, "kwargs": model_kwargs(cfg)}
+        (run_dir / "model_config.json").write_text(json.dumps(spec, indent=2))
+        print(f"exported {run_dir / 'model.safetensors'}", flush=True)
+
+
+def load_exported(run_dir: Path, device: str = "cpu") -> nn.Module:
+    """A plain single-device model from ``model.safetensors`` + ``model_config.json``."""
+    from safetensors.torch import load_file
+
+    spec = json.loads((Path(run_dir) / "model_config.json").read_text())
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["kwargs"].items()}
+    model = build_model(spec["model"], spec["size"], **kwargs)
+    model.load_state_dict(load_file(str(Path(run_dir) / "model.safetensors"), device=device))
+    return model.to(device)
