@@ -15,12 +15,13 @@ from ucfvit.parallel import clip_grad_norm_, full_state_dict, local_batch_range,
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 
 
-def error_message(mesh_spec: str, heads: int | None = None) -> str:
-    """The error each rank raises for ``mesh_spec`` (and a ``heads``-head model), or 'no error'."""
+def error_message(mesh_spec: str, heads: int | None = None, options: dict | None = None) -> str:
+    """The error each rank raises for ``mesh_spec`` (and a ``heads``-head model parallelized with
+    ``options``), or 'no error'."""
     try:
         mesh = make_mesh(mesh_spec)
         if heads is not None:
-            parallelize(build_model("vit", "debug", embed_dim=heads * 8, num_heads=heads), mesh)
+            parallelize(build_model("vit", "debug", embed_dim=heads * 8, num_heads=heads), mesh, **(options or {}))
     except ValueError as err:
         return f"ValueError: {err}"
     return "no error"

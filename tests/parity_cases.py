@@ -118,6 +118,7 @@ def parity(family: str, cases: list[dict]) -> list[dict]:
             sequence_parallel=case.get("sp", False),
             activation_checkpointing=case.get("ac", "none"),
             param_dtype=torch.bfloat16 if case.get("bf16") else None,
+            compile=case.get("compile", False),
         )  # fmt: skip
         rows = local_batch_range(mesh, GLOBAL_BATCH)
         runs.append((case, train(model, family, rows, case.get("accum", 1), mesh)))

@@ -31,6 +31,12 @@ def test_bad_mesh_raises_on_every_rank_without_hanging(world, spec, heads, match
         assert re.search(match, msg), msg
 
 
+def test_full_checkpointing_of_compiled_tensor_parallel_blocks_is_refused_clearly():
+    options = {"compile": True, "activation_checkpointing": "full"}
+    for msg in run_ranks(2, "misc_cases:error_message", "1x1x2", 8, options, timeout=120):
+        assert "use activation_checkpointing='selective'" in msg, msg
+
+
 def test_parse_mesh_accepts_strings_and_tuples():
     assert parse_mesh("2x2x2") == parse_mesh((2, 2, 2)) == MeshShape(2, 2, 2)
     assert parse_mesh("1X4x2", world_size=8).dp_size == 4

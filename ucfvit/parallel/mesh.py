@@ -13,7 +13,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 MESH_DIMS = ("ddp", "fsdp", "tp")
 
-__all__ = ["MESH_DIMS", "MeshShape", "parse_mesh", "make_mesh", "mesh_device_type", "data_parallel_info"]
+__all__ = ["MESH_DIMS", "MeshShape", "parse_mesh", "make_mesh", "mesh_device_type", "data_parallel_info", "world_size"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,11 @@ def mesh_device_type() -> str:
     return "cpu"
 
 
+def world_size() -> int:
+    """Number of processes of this job: the process group's, else the launcher's ``WORLD_SIZE`` (1 without one)."""
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _init_process_group(device_type: str) -> None:
     if dist.is_initialized():
         return
@@ -100,8 +105,7 @@ def make_mesh(spec: str | Sequence[int] | MeshShape, *, device_type: str | None 
     Uses nccl on CUDA/ROCm when each local rank has a GPU, else gloo on CPU. Initialises the
     default process group if needed (a single process without a launcher gets a 1-rank group).
     """
-    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    shape = parse_mesh(spec, world)
+    shape = parse_mesh(spec, world_size())
     device_type = device_type or mesh_device_type()
     if device_type == "cuda":
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -122,7 +122,8 @@ def parallelize(
         param_dtype: compute dtype of parameters (e.g. ``torch.bfloat16``) over fp32 master weights.
         reduce_dtype: gradient reduction dtype.
         activation_checkpointing: ``"none"``, ``"full"`` or ``"selective"`` (per block).
-        compile: ``torch.compile`` each block (True, or a backend name).
+        compile: ``torch.compile`` each block (True, or a backend name). With tp > 1 combine it
+            with ``"selective"`` checkpointing: ``"full"`` fails in torch 2.13 and is refused.
         reshard_after_forward: free gathered parameters of inner blocks after forward; the root
             and the last block always keep them (backward needs them first).
         sequence_parallel: run norms on sequence shards inside blocks (tp > 1).
@@ -131,6 +132,13 @@ def parallelize(
         raise ValueError(f"mesh must have dimensions {MESH_DIMS} (use ucfvit.parallel.make_mesh), got {mesh.mesh_dim_names}")
     if activation_checkpointing not in AC_MODES:
         raise ValueError(f"activation_checkpointing={activation_checkpointing!r} is unknown; choose one of {AC_MODES}")
+    if compile and activation_checkpointing == "full" and mesh["tp"].size() > 1:
+        # torch 2.13's AOT autograd saves a DeviceMesh among the tensors of a fully checkpointed,
+        # compiled tensor-parallel block and fails; "selective" compiles fine (tested).
+        raise ValueError(
+            "activation_checkpointing='full' with compile=True and tp > 1 is not supported by torch 2.13; "
+            "use activation_checkpointing='selective' (or compile=False)"
+        )
     resolved = _resolve_plan(model, plan, sequence_parallel)
     block_patterns = tuple(blocks) if blocks is not None else resolved.blocks
     tp = mesh["tp"].size()
@@ -151,7 +159,9 @@ def parallelize(
         if activation_checkpointing != "none":
             _apply_activation_checkpointing(block, activation_checkpointing)
         if compile:
-            block.compile(**({"backend": compile} if isinstance(compile, str) else {}))
+            # dynamic=False: encoder and decoder blocks share Block.forward, and a recompile for the
+            # decoder's shapes must not switch to dynamic shapes (which fails under DTensor in torch 2.13).
+            block.compile(dynamic=False, **({"backend": compile} if isinstance(compile, str) else {}))
 
     dp_mesh = dp_mesh_of(mesh)
     fsdp_kwargs = dict(

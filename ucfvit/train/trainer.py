@@ -25,6 +25,7 @@ from ucfvit.data import SyntheticImages
 from ucfvit.models import DDPMScheduler, SampleRNG, build_model
 from ucfvit.models.registry import MODELS, model_arguments
 from ucfvit.parallel import clip_grad_norm_, full_state_dict, local_batch_range, make_mesh, parallelize, parse_mesh
+from ucfvit.parallel.mesh import world_size
 
 from .checkpoint import Checkpointer, decode_rng, encode_rng, find_checkpoint, read_checkpoint_config
 from .config import Config
@@ -60,16 +61,12 @@ def model_kwargs(cfg: Config) -> dict:
     return values
 
 
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def validate_config(cfg: Config) -> Path | None:
     """Every check that needs no communication; returns the checkpoint to resume from (or None).
 
     Runs on every rank before the first collective, so a bad option fails everywhere at once.
     """
-    shape = parse_mesh(cfg.mesh, _world_size())
+    shape = parse_mesh(cfg.mesh, world_size())
     if cfg.max_steps <= 0:
         raise ValueError(f"--max-steps={cfg.max_steps} must be positive")
     global_batch, micro = cfg.data.global_batch_size, cfg.data.micro_batch_size
@@ -118,10 +115,11 @@ def _check_compatible(cfg: Config, ckpt: Path) -> None:
     saved = read_checkpoint_config(ckpt)
     mine = cfg.to_dict()
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {mine[k]!r}" for k in ("model", "model_size") if saved.get(k) != mine[k]]
+    used = model_arguments(MODELS[cfg.model])  # fields this family ignores may differ
     diffs += [
         f"arch.{k}: checkpoint {saved['arch'].get(k)!r}, this run {mine['arch'][k]!r}"
         for k in ARCH_KEYS_THAT_MUST_MATCH
-        if saved.get("arch", {}).get(k) != mine["arch"][k]
+        if k in used and saved.get("arch", {}).get(k) != mine["arch"][k]
     ]
     if diffs:
         raise ValueError(
