@@ -57,7 +57,7 @@ def test_patchify_roundtrip(ndim):
     assert tokens.shape == (2, math.prod(s // 4 for s in IMG[ndim]), 4**ndim * 3)
     assert torch.equal(unpatchify(tokens, 4, IMG[ndim]), x)
     # Token 1 is the second patch along the last axis; its first value is pixel (0, .., 4) of channel 0.
-    assert tokens[0, 1, 0] == x[0, 0, *([0] * (ndim - 1)), 4]
+    assert tokens[0, 1, 0] == x[0, 0][(0,) * (ndim - 1) + (4,)]
 
 
 def test_sincos_grid_matches_the_closed_form():

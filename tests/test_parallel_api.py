@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from ucfvit.models import build_model
 from ucfvit.parallel import MeshShape, parse_mesh

@@ -32,6 +32,8 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
 )
 
+from ucfvit.models.layers import Attention
+
 __all__ = ["ModelPlan", "register_plan", "plan_for", "vit_plan", "resolve_style", "match_modules", "SequenceParallelBlock"]
 
 StyleSpec = ParallelStyle | str
@@ -166,8 +168,6 @@ def match_modules(model: nn.Module, patterns: Iterable[str]) -> dict[str, list[t
 
 def check_tp_divisibility(matches: Mapping[str, list[tuple[str, nn.Module]]], plan: Mapping[str, StyleSpec], tp: int) -> None:
     """Shapes a tp degree must divide: sharded Linear dims and the heads of ucfvit attention."""
-    from ucfvit.models.layers import Attention
-
     for pattern, hits in matches.items():
         style = plan[pattern]
         for name, module in hits:
