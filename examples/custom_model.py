@@ -47,4 +47,5 @@ if __name__ == "__main__":
     mesh = make_mesh(parser.parse_args().mesh)
     model = parallelize(TinyTransformer(), mesh, plan=PLAN, blocks=["layers.*"])  # FSDP unit per layer
     model(torch.randn(4, 8, 32)).backward()
-    print("ok", {n: type(p).__name__ for n, p in list(model.named_parameters())[:2]})
+    if torch.distributed.get_rank() == 0:
+        print({n: f"{type(p).__name__}{tuple(p.placements)}" for n, p in list(model.named_parameters())[:4]})
