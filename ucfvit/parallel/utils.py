@@ -73,7 +73,6 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float, norm_ty
         part = norms.max() if inf else norms.pow(norm_type).sum()
         for dim in key[1]:
             dist.all_reduce(part, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=meshes[key].get_group(dim))
-        part = part.to(grads[0].device if not isinstance(grads[0], DTensor) else grads[0].to_local().device)
         total = part if total is None else (torch.maximum(total, part) if inf else total + part)
     total_norm = total if inf else total.pow(1.0 / norm_type)
     coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)

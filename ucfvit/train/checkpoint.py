@@ -40,6 +40,11 @@ def is_complete(path: Path) -> bool:
     return _STEP_DIR.match(path.name) is not None and (path / ".metadata").is_file() and (path / STATE_FILE).is_file()
 
 
+def _complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    return sorted((p for p in root.iterdir() if is_complete(p)), key=lambda p: int(p.name.split("-")[1]))
+
+
 def find_checkpoint(run_or_ckpt: Path) -> Path | None:
     """The newest complete checkpoint under a run directory (or the checkpoint itself)."""
     path = Path(run_or_ckpt)
@@ -53,7 +58,7 @@ def find_checkpoint(run_or_ckpt: Path) -> Path | None:
         candidate = root / latest.read_text().strip()
         if is_complete(candidate):
             return candidate
-    steps = sorted((p for p in root.iterdir() if is_complete(p)), key=lambda p: int(p.name.split("-")[1]))
+    steps = _complete_checkpoints(root)
     return steps[-1] if steps else None
 
 
@@ -116,8 +121,7 @@ class Checkpointer:
         return final
 
     def _prune(self) -> None:
-        done = sorted((p for p in self.root.iterdir() if is_complete(p)), key=lambda p: int(p.name.split("-")[1]))
-        for old in done[: -self.keep]:
+        for old in _complete_checkpoints(self.root)[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -22,9 +22,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ucfvit.data import SyntheticImages
-from ucfvit.models import DDPMScheduler, SampleRNG, build_model
+from ucfvit.models import DDPMScheduler, build_model
 from ucfvit.models.registry import MODELS, model_arguments
-from ucfvit.parallel import clip_grad_norm_, full_state_dict, local_batch_range, make_mesh, parallelize, parse_mesh
+from ucfvit.parallel import (
+    clip_grad_norm_, full_state_dict, local_batch_range, make_mesh, parallelize, parse_mesh, sample_rng,
+)  # fmt: skip
 from ucfvit.parallel.mesh import world_size
 
 from .checkpoint import Checkpointer, decode_rng, encode_rng, find_checkpoint, read_checkpoint_config
@@ -226,7 +228,8 @@ def train(cfg: Config) -> TrainResult:
                 batch = {k: v.to(device, non_blocking=True) for k, v in data.batch(range(offset, offset + micro)).items()}
                 if accum > 1:
                     model.set_requires_gradient_sync(m == accum - 1)
-                loss = task_loss(cfg.model, model, batch, SampleRNG(cfg.run.seed, step, start, global_batch), ddpm) / accum
+                rng = sample_rng(mesh, cfg.run.seed, step, global_batch, micro_start=m * micro)
+                loss = task_loss(cfg.model, model, batch, rng, ddpm) / accum
                 loss.backward()
                 loss_sum += loss.detach()
             grad_norm = clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
