@@ -1,4 +1,4 @@
-"""Shared test helpers: tiny model inputs for every family."""
+"""Shared test helpers: the family matrix (from the registry) and tiny model inputs for every family."""
 
 from __future__ import annotations
 
@@ -10,23 +10,23 @@ import torch
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
-from ucfvit.models import grid_patches  # noqa: E402
+from ucfvit.models import FAMILIES as REGISTRY  # noqa: E402
+from ucfvit.models import list_models  # noqa: E402
 
-FAMILIES = ["vit", "mae", "unetr", "sap", "diffusion"]
+FAMILIES = list_models()
 
 # Small images per dimensionality for the debug preset (patch 4).
 IMG = {2: (16, 16), 3: (8, 8, 8)}
 
 
-def make_inputs(model, x: torch.Tensor, t: torch.Tensor | None = None) -> tuple[tuple, dict]:
-    """Positional args for ``model``'s forward given an image batch ``x``."""
-    name = type(model).__name__
-    if name == "SAP":
-        return grid_patches(x, model.patch_size), {}
-    if name == "DiffusionViT":
-        t = torch.arange(x.shape[0]) * 7 % model.time_steps if t is None else t
-        return (x, t), {}
-    return (x,), {}
+def spec_of(model):
+    """The registered FamilySpec whose class ``model`` is."""
+    return next(spec for spec in REGISTRY.values() if type(model) is spec.model)
+
+
+def make_inputs(model, x: torch.Tensor) -> tuple[tuple, dict]:
+    """Positional args for ``model``'s forward given an image batch ``x`` (the family spec's ``inputs``)."""
+    return tuple(spec_of(model).inputs(model, {"image": x})), {}
 
 
 def output_tensor(out) -> torch.Tensor:

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from ucfvit.models import SampleRNG, build_model, grid_patches
+from ucfvit.models import SampleRNG, build_model, get_family
 from ucfvit.parallel import local_batch_range, make_mesh, parallelize
 
 GLOBAL_BATCH, STEPS, SEED = 8, 3, 1234
@@ -31,24 +30,14 @@ def global_data(step: int) -> dict[str, torch.Tensor]:
         "x": torch.randn(GLOBAL_BATCH, 3, *IMG, generator=g),
         "label": torch.randint(0, 3, (GLOBAL_BATCH,), generator=g),
         "seg": torch.randint(0, 3, (GLOBAL_BATCH, *IMG), generator=g),
-        "noise": torch.randn(GLOBAL_BATCH, 3, *IMG, generator=g),
-        "t": torch.randint(0, 1000, (GLOBAL_BATCH,), generator=g),
     }
 
 
 def loss_fn(family: str, model, data: dict[str, torch.Tensor], rng: SampleRNG) -> torch.Tensor:
-    """Mean over samples, so splitting a batch changes nothing."""
-    x = data["x"]
-    if family == "vit":
-        return F.cross_entropy(model(x, rng=rng), data["label"])
-    if family == "mae":
-        return model.loss(x, *model(x, rng=rng))
-    if family == "unetr":
-        return F.cross_entropy(model(x, rng=rng), data["seg"])
-    if family == "sap":
-        return F.cross_entropy(model(*grid_patches(x, model.patch_size), rng=rng), data["seg"])
-    noised = x * 0.8 + data["noise"] * 0.6
-    return (model(noised, data["t"], rng=rng) - data["noise"]).pow(2).mean()
+    """The family's own task loss (a mean over samples, so splitting a batch changes nothing)."""
+    spec = get_family(family)
+    batch = {"image": data["x"], "label": data["label"], "seg": data["seg"]}
+    return spec.loss(model, batch, rng, spec.build_extra(model))
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 from ucfvit.data import SyntheticImages
 from ucfvit.models import SampleRNG, build_model
 from ucfvit.models.rng import randn
-from ucfvit.train.losses import dice_loss
+from ucfvit.models.losses import dice_loss
 from ucfvit.train.metrics import train_flops_per_sample
 
 

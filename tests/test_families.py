@@ -123,6 +123,13 @@ def test_unetr_skip_connections_are_wired(ndim):
     assert not hasattr(no_skip.decoder, "skips") and no_skip(x).shape == base.shape
 
 
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_unetr_with_fewer_blocks_than_decoder_stages_reuses_blocks(depth):
+    model = build_model("unetr", "debug", img_size=(32, 32), patch_size=16, depth=depth)  # 4 stages, 3 taps
+    assert len(model.taps) == 3 and all(0 <= t < depth for t in model.taps)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 2, 32, 32)
+
+
 def test_unetr_taps_follow_the_paper_for_depth_12_patch_16():
     with torch.device("meta"):
         model = build_model("unetr", "base", img_size=(64, 64))

@@ -11,7 +11,7 @@ import pytest
 
 from distributed import run_ranks
 from ucfvit.train.checkpoint import find_checkpoint, is_complete
-from ucfvit.train.optim import lr_at
+from ucfvit.train.optim import lr_at, param_groups
 from ucfvit.train.presets import preset
 
 
@@ -26,6 +26,20 @@ def test_lr_schedule_values():
     assert lr_at(110, cfg) == pytest.approx(1e-6)
     cfg.optim.lr_scaling, cfg.data.global_batch_size = "linear", 512
     assert lr_at(10, cfg) == pytest.approx(2e-3)
+
+
+def test_weight_decay_skips_biases_norms_and_what_the_model_names():
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    model.register_parameter("token", torch.nn.Parameter(torch.zeros(1, 1, 4)))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert sorted(p.shape for p in decay["params"]) == [(1, 1, 4), (4, 4)]
+    assert len(no_decay["params"]) == 3  # linear bias, norm weight and bias
+    model.no_weight_decay = lambda: {"token"}
+    decay, no_decay = param_groups(model, 0.1)
+    assert [p.shape for p in decay["params"]] == [(4, 4)] and len(no_decay["params"]) == 4
 
 
 def test_every_preset_runs_three_steps_in_2d_and_3d(tmp_path):

@@ -11,7 +11,8 @@ from torch import nn
 from .embed import timestep_embed
 from .encoder import EncoderDecoder
 from .patches import unpatchify
-from .rng import RandomSource
+from .registry import FamilySpec, register_family
+from .rng import RandomSource, rand, randn
 
 __all__ = ["DiffusionViT", "DDPMScheduler", "BETA_SCHEDULES"]
 
@@ -132,3 +133,29 @@ class DDPMScheduler:
             tt = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
             x = self.step(model(x, tt), t, x, generator)
         return x
+
+
+def _timestep_input(model: DiffusionViT, batch) -> tuple:
+    """A clean image and timesteps (``batch["t"]``, else spread over the process for the batch)."""
+    x = batch["image"]
+    t = batch.get("t")
+    if t is None:
+        t = torch.arange(x.shape[0], device=x.device) * 7 % model.time_steps
+    return x, t
+
+
+def _noise_prediction_loss(model: DiffusionViT, batch, rng: RandomSource, ddpm: DDPMScheduler) -> torch.Tensor:
+    """MSE of the predicted noise at a random timestep per sample (both drawn from ``rng``)."""
+    x = batch["image"]
+    t = (rand(rng, (x.shape[0],), x.device) * ddpm.num_steps).long().clamp(max=ddpm.num_steps - 1)
+    noise = randn(rng, x.shape, x.device)
+    pred = model(ddpm.add_noise(x, noise, t), t, rng=rng)
+    return (pred.float() - noise).pow(2).flatten(1).mean(dim=1).mean()
+
+
+register_family(
+    FamilySpec(
+        "diffusion", DiffusionViT, loss=_noise_prediction_loss, inputs=_timestep_input,
+        extra=lambda model: DDPMScheduler(model.time_steps),
+    )
+)  # fmt: skip

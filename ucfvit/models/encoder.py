@@ -261,17 +261,17 @@ class VisionTransformer(nn.Module):
         """Run the blocks on patch tokens (B, N, D) at ``coords`` (B, N, ndim).
 
         Returns the normalised output with prefix tokens (B, P+N, D) and the raw outputs of the
-        blocks listed in ``taps`` (for UNETR's skip connections).
+        blocks listed in ``taps``, one per entry (for UNETR's skip connections).
         """
         x = self.prepend_prefix(tokens)
         rope = self.rope_for(coords, self.embed_dim // self.num_heads)
         scales = self.drop_path_scales(rng, x.shape[0], x.device)
-        tapped = []
+        tapped = {}
         for i, block in enumerate(self.blocks):
             x = block(x, rope=rope, drop_scale=None if scales is None else scales[i])
             if i in taps:
-                tapped.append(x)
-        return self.norm(x), tapped
+                tapped[i] = x
+        return self.norm(x), [tapped[i] for i in taps]
 
     def forward_features(
         self, x: torch.Tensor, variables: Sequence[str] | None = None, *, rng: RandomSource = None
@@ -287,6 +287,14 @@ class EncoderDecoder(VisionTransformer):
 
     The decoder is a transformer (``decoder_embed`` -> ``decoder_blocks`` -> ``decoder_norm`` ->
     ``decoder_pred``), or with ``linear_decoder=True`` a single ``decoder_pred`` on encoder tokens.
+
+    Args:
+        linear_decoder: replace the transformer decoder by one linear map per encoder token.
+        decoder_embed_dim: width of the transformer decoder.
+        decoder_depth: blocks of the transformer decoder (0 allowed).
+        decoder_num_heads: attention heads of the decoder (must be divisible by the mesh's tp).
+        decoder_mlp_ratio: MLP width of decoder blocks relative to ``decoder_embed_dim``.
+        **encoder_kwargs: see :class:`VisionTransformer`.
     """
 
     def __init__(

@@ -9,6 +9,7 @@ from torch import nn
 
 from .encoder import EncoderDecoder
 from .patches import patchify, unpatchify
+from .registry import FamilySpec, register_family
 from .rng import RandomSource, rand
 
 __all__ = ["MAE"]
@@ -101,3 +102,12 @@ class MAE(EncoderDecoder):
         per_patch = (pred - target).pow(2).mean(dim=-1)  # (B, N)
         per_sample = (per_patch * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
         return per_sample.mean()
+
+
+def _reconstruction_loss(model: MAE, batch, rng: RandomSource, extra) -> torch.Tensor:
+    x = batch["image"]
+    pred, mask = model(x, rng=rng)
+    return model.loss(x, pred.float(), mask)
+
+
+register_family(FamilySpec("mae", MAE, loss=_reconstruction_loss))

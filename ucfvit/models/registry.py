@@ -1,4 +1,11 @@
-"""Model registry: ``build_model(family, size=..., **overrides)``.
+"""Model families: one :class:`FamilySpec` per family, declared next to its model, and
+``build_model(family, size=..., **overrides)``.
+
+A family's spec holds everything the rest of ucfvit needs to know about it: its class, its size
+presets, how a batch becomes model input, its task loss, any extra object the loss needs (e.g.
+a DDPM scheduler) and its recipe defaults. The registry, the CLI's ``--model`` choices, the
+trainer, the FLOP count, the quickstart and the test matrix all derive from this list, so adding
+a family is one file that ends with ``register_family(FamilySpec(...))``.
 
 Size presets follow their papers: ``tiny``/``small`` (DeiT), ``base``/``large``/``huge`` (ViT),
 ``giant`` (ViT-g/14 of "Scaling Vision Transformers"); decoders follow MAE (512 wide, 8 blocks,
@@ -9,19 +16,17 @@ test mesh can shard it.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
-from .diffusion import DiffusionViT
-from .mae import MAE
-from .sap import SAP
-from .unetr import UNETR
-from .vit import ViT
-
-__all__ = ["MODELS", "SIZES", "build_model", "list_models", "list_sizes", "model_arguments"]
-
-MODELS: dict[str, type[nn.Module]] = {"vit": ViT, "mae": MAE, "unetr": UNETR, "sap": SAP, "diffusion": DiffusionViT}
+__all__ = [
+    "FAMILIES", "SIZES", "FamilySpec", "build_model", "get_family", "image_input", "list_models", "list_sizes",
+    "model_arguments", "register_family",
+]  # fmt: skip
 
 _MAE_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 
@@ -38,6 +43,67 @@ SIZES: dict[str, dict[str, Any]] = {
     "giant": dict(patch_size=14, embed_dim=1408, depth=40, num_heads=16, mlp_ratio=6144 / 1408, **_MAE_DECODER),
 }  # fmt: skip
 
+Batch = Mapping[str, torch.Tensor]
+
+
+def image_input(model: nn.Module, batch: Batch) -> tuple:
+    """The default way a batch becomes model input: the image alone."""
+    return (batch["image"],)
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Everything ucfvit needs to know about one model family.
+
+    Attributes:
+        name: the ``--model`` name.
+        model: the ``nn.Module`` class; it must have ``init_weights()`` and take keyword arguments.
+        loss: ``loss(model, batch, rng, extra) -> scalar``, a mean over samples (so splitting a batch
+            over ranks or micro-batches changes nothing). ``batch`` holds ``image`` (B, C, *S) and,
+            from labelled data, ``label`` (B,) and ``seg`` (B, *S).
+        inputs: ``inputs(model, batch) -> tuple`` of positional forward arguments for a clean batch
+            (what evaluation and tests feed the model).
+        extra: ``extra(model) -> object`` built once per run and passed to ``loss`` (None: nothing).
+        sizes: size presets, name -> constructor arguments (keys the family does not take are dropped).
+        recipe: this family's recipe defaults, dotted ``Config`` paths (e.g. ``"arch.num_classes"``)
+            -> value, applied over the device preset of ``ucfvit.train.presets``.
+        pooled_head: the model's ``head`` sees one pooled token per sample (classifiers); otherwise
+            heads map every patch token (used by the FLOP count).
+    """
+
+    name: str
+    model: type[nn.Module]
+    loss: Callable
+    inputs: Callable = image_input
+    extra: Callable | None = None
+    sizes: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: SIZES)
+    recipe: Mapping[str, Any] = field(default_factory=dict)
+    pooled_head: bool = False
+
+    def build_extra(self, model: nn.Module) -> Any:
+        """The extra object of ``loss`` for ``model`` (None if the family needs none)."""
+        return None if self.extra is None else self.extra(model)
+
+
+FAMILIES: dict[str, FamilySpec] = {}
+
+
+def register_family(spec: FamilySpec) -> FamilySpec:
+    """Add ``spec`` to the registry (a name may be registered once) and return it."""
+    if spec.name in FAMILIES and FAMILIES[spec.name] != spec:
+        raise ValueError(f"model family {spec.name!r} is already registered (by {FAMILIES[spec.name].model.__name__})")
+    if not hasattr(spec.model, "init_weights"):
+        raise ValueError(f"{spec.model.__name__} needs an init_weights() method to be a ucfvit family")
+    FAMILIES[spec.name] = spec
+    return spec
+
+
+def get_family(name: str) -> FamilySpec:
+    """The spec of family ``name``; a clear error lists the registered names."""
+    if name not in FAMILIES:
+        raise ValueError(f"model={name!r} is unknown; choose one of {list_models()}")
+    return FAMILIES[name]
+
 
 def model_arguments(family: type[nn.Module]) -> set[str]:
     """Keyword arguments a model class accepts (its own and those of its base classes)."""
@@ -51,31 +117,30 @@ def model_arguments(family: type[nn.Module]) -> set[str]:
 
 
 def list_models() -> list[str]:
-    return list(MODELS)
+    return list(FAMILIES)
 
 
-def list_sizes() -> list[str]:
-    return list(SIZES)
+def list_sizes(name: str | None = None) -> list[str]:
+    """Size presets of family ``name`` (default: the shared presets)."""
+    return list(get_family(name).sizes if name else SIZES)
 
 
 def build_model(name: str, size: str = "base", **overrides: Any) -> nn.Module:
-    """Build family ``name`` (``vit|mae|unetr|sap|diffusion``) at preset ``size`` with overrides.
+    """Build family ``name`` (see :func:`list_models`) at preset ``size`` with overrides.
 
     Preset keys that a family does not use (e.g. decoder sizes for ViT) are dropped; an override
     the family does not accept is an error. Build under ``torch.device("meta")`` to get a model
     without memory, then ``to_empty`` + ``init_weights()``.
     """
-    if name not in MODELS:
-        raise ValueError(f"model={name!r} is unknown; choose one of {list_models()}")
-    if size not in SIZES:
-        raise ValueError(f"size={size!r} is unknown; choose one of {list_sizes()}")
-    family = MODELS[name]
-    accepted = model_arguments(family)
+    spec = get_family(name)
+    if size not in spec.sizes:
+        raise ValueError(f"size={size!r} is unknown; choose one of {list_sizes(name)}")
+    accepted = model_arguments(spec.model)
     unknown = sorted(set(overrides) - accepted)
     if unknown:
         raise ValueError(f"{name} does not take {unknown}; allowed arguments: {sorted(accepted)}")
-    kwargs = {k: v for k, v in SIZES[size].items() if k in accepted}
+    kwargs = {k: v for k, v in spec.sizes[size].items() if k in accepted}
     kwargs.update(overrides)
-    model = family(**kwargs)
+    model = spec.model(**kwargs)
     model.init_weights()
     return model

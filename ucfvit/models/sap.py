@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from .embed import sincos_embed
 from .encoder import EncoderDecoder
+from .losses import segmentation_loss
+from .registry import FamilySpec, register_family
 from .rng import RandomSource
 
 __all__ = ["SAP", "grid_patches"]
@@ -126,3 +128,17 @@ class SAP(EncoderDecoder):
             index = batch_of[sel].unsqueeze(1) * pixels + (pix * strides_t).sum(-1)
             out = out.index_put((index.reshape(-1),), values.flatten(2).transpose(1, 2).reshape(-1, k))
         return out.view(b, *self.img_size, k).movedim(-1, 1)
+
+
+def _patch_input(model: SAP, batch) -> tuple:
+    """Images become SAP's (patches, coords, sizes) on a regular grid."""
+    return grid_patches(batch["image"], model.patch_size)
+
+
+def _segmentation_loss(model: SAP, batch, rng: RandomSource, extra) -> torch.Tensor:
+    return segmentation_loss(model(*_patch_input(model, batch), rng=rng), batch["seg"])
+
+
+register_family(
+    FamilySpec("sap", SAP, loss=_segmentation_loss, inputs=_patch_input, recipe={"arch.num_classes": 3})
+)

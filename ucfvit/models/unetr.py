@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from .encoder import VisionTransformer
+from .losses import segmentation_loss
 from .patches import unpatchify
+from .registry import FamilySpec, register_family
 from .rng import RandomSource
 
 __all__ = ["UNETR", "ConvBlock"]
@@ -112,7 +114,8 @@ class UNETR(VisionTransformer):
                 f"patch_size={self.patch_size}: UNETR's convolutional decoder needs a power of two "
                 "(e.g. 16); use linear_decoder=True for other patch sizes"
             )
-        self.taps = tuple(self.depth * i // stages - 1 for i in range(1, stages)) if skip_connection else ()
+        # A shallow encoder (depth < stages) feeds the same block to several levels.
+        self.taps = tuple(max(0, self.depth * i // stages - 1) for i in range(1, stages)) if skip_connection else ()
         self.decoder = UNETRDecoder(self.data_chans, self.embed_dim, feature_size, stages, self.ndim, skip_connection)
         self.head = (nn.Conv2d if self.ndim == 2 else nn.Conv3d)(feature_size, num_classes, 1)
 
@@ -134,3 +137,10 @@ class UNETR(VisionTransformer):
             x = x.new_zeros(b, self.data_chans, *self.img_size).index_copy(1, idx, x)
         features = self.decoder(x, to_grid(out), [to_grid(t) for t in tapped])
         return self.head(features)
+
+
+def _segmentation_loss(model: UNETR, batch, rng: RandomSource, extra) -> torch.Tensor:
+    return segmentation_loss(model(batch["image"], rng=rng), batch["seg"])
+
+
+register_family(FamilySpec("unetr", UNETR, loss=_segmentation_loss, recipe={"arch.num_classes": 3}))

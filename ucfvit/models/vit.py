@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .encoder import VisionTransformer
+from .registry import FamilySpec, register_family
 from .rng import RandomSource, rand
 
 __all__ = ["ViT"]
@@ -42,3 +44,10 @@ class ViT(VisionTransformer):
             keep = rand(rng, pooled.shape, pooled.device) >= self.drop_rate
             pooled = pooled * keep / (1.0 - self.drop_rate)
         return self.head(pooled)
+
+
+def _classification_loss(model: ViT, batch, rng: RandomSource, extra) -> torch.Tensor:
+    return F.cross_entropy(model(batch["image"], rng=rng).float(), batch["label"])
+
+
+register_family(FamilySpec("vit", ViT, loss=_classification_loss, recipe={"arch.num_classes": 3}, pooled_head=True))

@@ -1,54 +1,28 @@
 """Everything a training run needs, as typed dataclasses (parsed from the command line by tyro).
 
 Top-level fields pick the recipe (``model``, ``model_size``), the mesh and the length; groups hold
-the rest. Every field has a default, documented by its docstring (shown by ``--help``).
+the rest. Every field has a default, documented by its docstring (shown by ``--help``). The model
+options (``arch``) are generated from the registered families' constructors
+(:mod:`ucfvit.train.model_options`). A saved ``config.json`` loads back with :func:`load_config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ucfvit.models import FAMILIES, SIZES
 
-@dataclass
-class ArchConfig:
-    """Model hyper-parameters (``None``: the value of the ``--model-size`` preset)."""
+from .model_options import collect_options, make_arch_config
 
-    img_size: tuple[int, ...] = (32, 32)
-    """Image size: two entries for 2D, three for 3D volumes."""
-    in_chans: int = 3
-    """Input channels."""
-    num_classes: int = 2
-    """Classes (vit: per image; unetr, sap: per pixel)."""
-    patch_size: int | None = None
-    """Patch side in pixels."""
-    embed_dim: int | None = None
-    """Encoder width."""
-    depth: int | None = None
-    """Encoder blocks."""
-    num_heads: int | None = None
-    """Encoder attention heads (must be divisible by the mesh's tp)."""
-    decoder_embed_dim: int | None = None
-    """Decoder width (mae, sap, diffusion)."""
-    decoder_depth: int | None = None
-    """Decoder blocks (mae, sap, diffusion)."""
-    decoder_num_heads: int | None = None
-    """Decoder attention heads (must be divisible by tp)."""
-    mask_ratio: float = 0.75
-    """MAE: fraction of patches hidden from the encoder."""
-    drop_path_rate: float = 0.0
-    """Stochastic depth, increasing linearly over blocks."""
-    pos_embed: Literal["sincos", "learned", "none"] = "sincos"
-    """Position embedding of the patch tokens."""
-    rope: bool = False
-    """Rotary position embedding over the 2D/3D patch coordinates."""
-    attn_backend: Literal["sdpa", "xformers", "math"] = "sdpa"
-    """Attention kernel."""
-    time_steps: int = 1000
-    """Diffusion: number of DDPM steps."""
+__all__ = ["ARCH_OPTIONS", "ArchConfig", "Config", "config_from_dict", "load_config"]
+
+ARCH_OPTIONS = collect_options(FAMILIES.values())
+ArchConfig = make_arch_config(ARCH_OPTIONS)
 
 
 @dataclass
@@ -57,6 +31,8 @@ class DataConfig:
 
     dataset: Literal["synthetic"] = "synthetic"
     """Data source."""
+    num_classes: int = 3
+    """Classes of the synthetic data (image labels and masks; class 0 is the background)."""
     global_batch_size: int = 16
     """Samples per optimizer step over all data-parallel ranks and micro-batches."""
     micro_batch_size: int | None = None
@@ -145,9 +121,9 @@ class RunConfig:
 class Config:
     """A ucfvit training run."""
 
-    model: Literal["vit", "mae", "unetr", "sap", "diffusion"] = "mae"
-    """Model family (picks the recipe)."""
-    model_size: Literal["debug", "tiny", "small", "base", "large", "huge", "giant"] = "debug"
+    model: str = "mae"
+    """Model family (picks the recipe): one of ucfvit.models.list_models()."""
+    model_size: Literal[tuple(SIZES)] = "debug"  # type: ignore[valid-type]
     """Size preset (see ucfvit.models.SIZES)."""
     mesh: str = "1x1x1"
     """ddp x fsdp x tp; the product must equal the number of processes."""
@@ -165,3 +141,56 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        return config_from_dict(cls, data)
+
+
+def config_from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from a JSON-style dict (lists become tuples, nested dicts nested
+    dataclasses). Unknown keys are an error that names them; missing keys keep their defaults."""
+    if not isinstance(data, dict):
+        raise ValueError(f"field {where.rstrip('.') or '(top level)'}: expected a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"config has unknown field(s) {[where + k for k in unknown]}; known: {[where + k for k in known]}")
+    hints = typing.get_type_hints(cls, include_extras=False)
+    values = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = config_from_dict(kind, value, f"{where}{name}.")
+        elif kind is Path:
+            values[name] = Path(value)
+        elif isinstance(value, list):
+            values[name] = tuple(value)
+        else:
+            values[name] = value
+    return cls(**values)
+
+
+def load_config(path: str | Path) -> Config:
+    """A :class:`Config` from a saved ``config.json`` (or ``.yaml``/``.yml`` when PyYAML is installed).
+
+    Data only: JSON/YAML safe loading, never code."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ValueError(f"--config {path}: cannot read it ({err.strerror})") from err
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as err:
+            raise ValueError(f"--config {path}: YAML needs PyYAML (pip install pyyaml), or pass a .json file") from err
+        data = yaml.safe_load(text)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--config {path}: not valid JSON ({err})") from err
+    try:
+        return Config.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"--config {path}: {err}") from err

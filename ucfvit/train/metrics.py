@@ -34,8 +34,10 @@ def _transformer_flops(tokens: int, width: int, blocks: nn.ModuleList) -> float:
     return len(blocks) * (8 * tokens * width * width + 4 * tokens * width * hidden + 4 * tokens * tokens * width)
 
 
-def train_flops_per_sample(model: nn.Module) -> float:
-    """Training FLOPs for one sample (3x forward) from the model's shape (formula in the module doc)."""
+def train_flops_per_sample(model: nn.Module, pooled_head: bool = False) -> float:
+    """Training FLOPs for one sample (3x forward) from the model's shape (formula in the module doc).
+
+    ``pooled_head``: the ``head`` maps one pooled token per sample (``FamilySpec.pooled_head``)."""
     n_all, d = model.num_patches, model.embed_dim
     n_enc = getattr(model, "num_keep", n_all) + model.num_prefix_tokens
     patch = model.patch_size**model.ndim * model.in_chans
@@ -47,7 +49,7 @@ def train_flops_per_sample(model: nn.Module) -> float:
     for name in ("decoder_pred", "head"):
         layer = getattr(model, name, None)
         if isinstance(layer, nn.Linear):
-            tokens = 1 if name == "head" and model.__class__.__name__ == "ViT" else n_all
+            tokens = 1 if name == "head" and pooled_head else n_all
             flops += 2 * tokens * layer.in_features * layer.out_features
     return 3.0 * flops
 

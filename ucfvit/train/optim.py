@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import Config
 
-__all__ = ["build_optimizer", "lr_at", "peak_lr"]
+__all__ = ["build_optimizer", "lr_at", "param_groups", "peak_lr"]
 
 
 def peak_lr(cfg: Config) -> float:
@@ -29,15 +29,31 @@ def lr_at(step: int, cfg: Config) -> float:
     return sched.min_lr + 0.5 * (peak - sched.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed weights, and parameters that take no weight decay.
+
+    No decay for what ``model.no_weight_decay()`` names, if the model has that method (tokens,
+    position and variable embeddings), and for every parameter of one dimension or less (biases,
+    norm weights, LayerScale), as timm does.
+    """
+    named = getattr(model, "no_weight_decay", None)
+    skip = set(named()) if callable(named) else set()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if name in skip or param.ndim <= 1 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def build_optimizer(model: nn.Module, cfg: Config, device_type: str) -> torch.optim.AdamW:
-    """AdamW over all parameters; fused kernels on accelerators, foreach on CPU."""
+    """AdamW (decay groups from :func:`param_groups`); fused kernels on accelerators, foreach on CPU."""
     fused = device_type == "cuda"
     return torch.optim.AdamW(
-        model.parameters(),
+        param_groups(model, cfg.optim.weight_decay),
         lr=lr_at(0, cfg),
         betas=cfg.optim.betas,
         eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay,
         fused=fused,
         foreach=None if fused else True,
     )

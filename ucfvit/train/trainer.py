@@ -1,8 +1,9 @@
 """The training loop behind ``recipes/train.py``.
 
-Order of a run: validate the config on every rank (no collective yet) -> build the mesh -> build
-the model on the meta device -> parallelize -> materialise + init -> resume -> train. Data and
-forward randomness are keyed by (seed, step, global sample index), so a run gives the same
+Order of a run: validate the config on every rank, building the model once on the meta device (no
+collective yet) -> build the mesh -> parallelize -> materialise + init -> resume -> train. The
+family's :class:`~ucfvit.models.FamilySpec` supplies the loss and any extra object it needs. Data
+and forward randomness are keyed by (seed, step, global sample index), so a run gives the same
 result on any mesh and after any resume.
 """
 
@@ -22,26 +23,27 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ucfvit.data import SyntheticImages
-from ucfvit.models import DDPMScheduler, build_model
-from ucfvit.models.registry import MODELS, model_arguments
+from ucfvit.models import FamilySpec, build_model, get_family
+from ucfvit.models.registry import model_arguments
 from ucfvit.parallel import (
-    clip_grad_norm_, full_state_dict, local_batch_range, make_mesh, parallelize, parse_mesh, sample_rng,
+    MeshShape, clip_grad_norm_, full_state_dict, local_batch_range, make_mesh, parallelize, parse_mesh, sample_rng,
 )  # fmt: skip
 from ucfvit.parallel.mesh import world_size
 
 from .checkpoint import Checkpointer, decode_rng, encode_rng, find_checkpoint, read_checkpoint_config
-from .config import Config
-from .losses import task_loss
+from .config import ARCH_OPTIONS, Config
 from .metrics import Throughput, append_jsonl, format_progress, peak_flops, train_flops_per_sample
 from .optim import build_optimizer, lr_at
 
-__all__ = ["train", "validate_config", "model_kwargs", "TrainResult"]
+__all__ = ["train", "validate_config", "model_kwargs", "RunPlan", "TrainResult"]
 
 # Ranks agree on a stop request (SIGTERM/SIGINT) at the next synchronisation point: every
 # log step, checkpoint step, and at least every SYNC_EVERY steps.
 SYNC_EVERY = 10
-ARCH_KEYS_THAT_MUST_MATCH = ("img_size", "in_chans", "num_classes", "patch_size", "embed_dim", "depth", "num_heads",
-                             "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "pos_embed", "time_steps")  # fmt: skip
+# Model options that change only what a forward computes, not the checkpoint's tensors: a resumed
+# run may change them. Every other option of the family must match the checkpoint's.
+RUNTIME_OPTIONS = {"attn_backend", "drop_path_rate", "drop_rate", "attn_drop_rate", "proj_drop_rate",
+                   "pos_drop_rate", "patch_drop_rate", "mask_ratio", "norm_pix_loss"}  # fmt: skip
 
 
 @dataclass
@@ -55,19 +57,40 @@ class TrainResult:
     run_dir: Path
 
 
+@dataclass
+class RunPlan:
+    """What :func:`validate_config` resolves once: the family, the mesh shape, the model (on the
+    meta device, not yet parallelized) and the checkpoint to resume from."""
+
+    spec: FamilySpec
+    shape: MeshShape
+    model: nn.Module
+    checkpoint: Path | None
+    run_dir: Path
+
+
 def model_kwargs(cfg: Config) -> dict:
-    """Constructor overrides for ``build_model(cfg.model, cfg.model_size, **kwargs)``."""
-    accepted = model_arguments(MODELS[cfg.model])
-    values = {k: v for k, v in vars(cfg.arch).items() if v is not None and k in accepted}
-    values["img_size"] = tuple(cfg.arch.img_size)
+    """Constructor overrides for ``build_model(cfg.model, cfg.model_size, **kwargs)``: the set
+    ``--arch`` options. An option the family does not take is an error naming the families that do."""
+    accepted = model_arguments(get_family(cfg.model).model)
+    values = {k: v for k, v in vars(cfg.arch).items() if v is not None}
+    stray = sorted(set(values) - accepted)
+    if stray:
+        where = "; ".join(f"--arch.{k.replace('_', '-')} applies to {', '.join(_families_taking(k)) or 'no family'}" for k in stray)
+        raise ValueError(f"--model {cfg.model} does not take {stray} ({where}); remove the option or pick another --model")
     return values
 
 
-def validate_config(cfg: Config) -> Path | None:
-    """Every check that needs no communication; returns the checkpoint to resume from (or None).
+def _families_taking(option: str) -> tuple[str, ...]:
+    return ARCH_OPTIONS[option].families if option in ARCH_OPTIONS else ()
+
+
+def validate_config(cfg: Config) -> RunPlan:
+    """Every check that needs no communication, and the model built once on the meta device.
 
     Runs on every rank before the first collective, so a bad option fails everywhere at once.
     """
+    spec = get_family(cfg.model)
     shape = parse_mesh(cfg.mesh, world_size())
     if cfg.max_steps <= 0:
         raise ValueError(f"--max-steps={cfg.max_steps} must be positive")
@@ -83,9 +106,15 @@ def validate_config(cfg: Config) -> Path | None:
     if cfg.metrics.log_every <= 0 or cfg.checkpoint.every < 0:
         raise ValueError("--metrics.log-every must be positive and --checkpoint.every non-negative")
     with torch.device("meta"):  # shape errors, before any collective
-        probe = build_model(cfg.model, cfg.model_size, **model_kwargs(cfg))
+        model = build_model(cfg.model, cfg.model_size, **model_kwargs(cfg))
+    classes = getattr(model, "num_classes", None)
+    if classes is not None and classes < cfg.data.num_classes:
+        raise ValueError(
+            f"--arch.num-classes={classes} is smaller than the {cfg.data.num_classes} classes of the data "
+            f"(--data.num-classes): use --arch.num-classes {cfg.data.num_classes}"
+        )
     for name in ("num_heads", "decoder_num_heads"):
-        heads = getattr(probe, name, None)
+        heads = getattr(model, name, None)
         if heads and heads % shape.tp:
             raise ValueError(
                 f"{name}={heads} of {cfg.model}/{cfg.model_size} is not divisible by tp={shape.tp} of mesh {shape}: "
@@ -94,9 +123,9 @@ def validate_config(cfg: Config) -> Path | None:
     run_dir = cfg.run.dir.resolve()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        write_test = run_dir / f".write-test-{os.getpid()}"
+        write_test.write_text("ok")
+        write_test.unlink()
     except OSError as err:
         raise ValueError(f"--run.dir={cfg.run.dir} is not writable ({err.strerror}); choose another directory") from err
     resume = cfg.checkpoint.resume
@@ -109,19 +138,18 @@ def validate_config(cfg: Config) -> Path | None:
         if ckpt is None:
             raise ValueError(f"--checkpoint.resume={resume}: no complete checkpoint there (use 'auto' to start fresh if none)")
     if ckpt is not None:
-        _check_compatible(cfg, ckpt)
-    return ckpt
+        _check_compatible(cfg, ckpt, model_arguments(spec.model))
+    return RunPlan(spec=spec, shape=shape, model=model, checkpoint=ckpt, run_dir=run_dir)
 
 
-def _check_compatible(cfg: Config, ckpt: Path) -> None:
+def _check_compatible(cfg: Config, ckpt: Path, accepted: set[str]) -> None:
     saved = read_checkpoint_config(ckpt)
     mine = cfg.to_dict()
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {mine[k]!r}" for k in ("model", "model_size") if saved.get(k) != mine[k]]
-    used = model_arguments(MODELS[cfg.model])  # fields this family ignores may differ
     diffs += [
-        f"arch.{k}: checkpoint {saved['arch'].get(k)!r}, this run {mine['arch'][k]!r}"
-        for k in ARCH_KEYS_THAT_MUST_MATCH
-        if k in used and saved.get("arch", {}).get(k) != mine["arch"][k]
+        f"arch.{k}: checkpoint {saved.get('arch', {}).get(k)!r}, this run {value!r}"
+        for k, value in mine["arch"].items()
+        if k in accepted and k not in RUNTIME_OPTIONS and saved.get("arch", {}).get(k) != value
     ]
     if diffs:
         raise ValueError(
@@ -155,19 +183,18 @@ def _peak_memory_gib(device: torch.device) -> float:
 
 def train(cfg: Config) -> TrainResult:
     """Run (or resume) the training described by ``cfg``; see the module doc."""
-    ckpt = validate_config(cfg)
+    plan = validate_config(cfg)
+    ckpt, model = plan.checkpoint, plan.model
     mesh = make_mesh(cfg.mesh)
     rank = dist.get_rank()
     device_type = mesh.device_type
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
-    run_dir = cfg.run.dir.resolve()
+    run_dir = plan.run_dir
     if rank == 0:
         print(f"ucfvit: {cfg.model}/{cfg.model_size} on mesh {cfg.mesh} ({device_type}), run dir {run_dir}", flush=True)
         print(json.dumps(cfg.to_dict(), indent=2), flush=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
-    with torch.device("meta"):
-        model = build_model(cfg.model, cfg.model_size, **model_kwargs(cfg))
     param_dtype = {"float32": None, "bfloat16": torch.bfloat16, "auto": torch.bfloat16 if device_type == "cuda" else None}
     parallelize(
         model, mesh,
@@ -192,13 +219,13 @@ def train(cfg: Config) -> TrainResult:
         if rank == 0:
             print(f"resumed from {ckpt} at step {start_step} (data offset {state['data_offset']})", flush=True)
 
-    data = SyntheticImages(cfg.arch.img_size, cfg.arch.in_chans, cfg.arch.num_classes, seed=cfg.run.seed)
-    ddpm = DDPMScheduler(cfg.arch.time_steps) if cfg.model == "diffusion" else None
+    data = SyntheticImages(model.img_size, model.data_chans, cfg.data.num_classes, seed=cfg.run.seed)
+    extra = plan.spec.build_extra(model)
     global_batch = cfg.data.global_batch_size
     rows = local_batch_range(mesh, global_batch)
     micro = cfg.data.micro_batch_size or len(rows)
     accum = len(rows) // micro
-    flops_per_step = train_flops_per_sample(model) * global_batch
+    flops_per_step = train_flops_per_sample(model, pooled_head=plan.spec.pooled_head) * global_batch
     peak = peak_flops(device)
     world = dist.get_world_size()
 
@@ -229,7 +256,7 @@ def train(cfg: Config) -> TrainResult:
                 if accum > 1:
                     model.set_requires_gradient_sync(m == accum - 1)
                 rng = sample_rng(mesh, cfg.run.seed, step, global_batch, micro_start=m * micro)
-                loss = task_loss(cfg.model, model, batch, rng, ddpm) / accum
+                loss = plan.spec.loss(model, batch, rng, extra) / accum
                 loss.backward()
                 loss_sum += loss.detach()
             grad_norm = clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))

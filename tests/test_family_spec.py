@@ -1,0 +1,157 @@
+"""The family spec is the one declaration of a family: a family defined in this file trains through
+``ucfvit.train.train``; the CLI's choices and options derive from the registry; configs round-trip."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distributed import run_ranks
+from ucfvit.models import FamilySpec, VisionTransformer, get_family, list_models, register_family
+from ucfvit.models.registry import FAMILIES, model_arguments
+from ucfvit.train.cli import parse
+from ucfvit.train.config import ARCH_OPTIONS, ArchConfig, Config, load_config
+from ucfvit.train.model_options import INTERNAL
+from ucfvit.train.presets import preset
+from ucfvit.train.trainer import model_kwargs
+
+
+# ---------------------------------------------------------------- a family defined only here
+class IntensityRegressor(VisionTransformer):
+    """Predicts each channel's mean intensity from the mean of the encoder's patch tokens."""
+
+    def __init__(self, **encoder_kwargs):
+        super().__init__(**encoder_kwargs)
+        self.head = nn.Linear(self.embed_dim, self.in_chans)
+
+    def forward(self, x, variables=None, *, rng=None):
+        tokens = self.forward_features(x, variables, rng=rng)
+        return self.head(tokens[:, self.num_prefix_tokens :].mean(dim=1))
+
+
+def _regression_loss(model, batch, rng, extra):
+    x = batch["image"]
+    return F.mse_loss(model(x, rng=rng).float() * extra, x.flatten(2).mean(-1) * extra)
+
+
+TOY = FamilySpec(
+    "toy", IntensityRegressor, loss=_regression_loss, extra=lambda model: 2.0,
+    recipe={"arch.class_token": False, "optim.lr": 1e-3},
+)  # fmt: skip
+
+
+def train_toy(run_dir: str) -> dict:
+    """In a fresh rank process: register the toy family, then train it 2 steps by the CLI path."""
+    from ucfvit.train import train
+
+    register_family(TOY)
+    cfg = parse(["--model", "toy", "--max-steps", "2", "--metrics.log-every", "1", "--run.dir", run_dir])
+    result = train(cfg)
+    return {"steps": result.steps_done, "loss": result.last_loss, "choices": list_models(),
+            "lr": cfg.optim.lr, "class_token": result.model.cls_token is not None}  # fmt: skip
+
+
+def test_a_family_defined_in_a_test_file_trains_through_the_trainer(tmp_path):
+    r = run_ranks(1, "test_family_spec:train_toy", str(tmp_path))[0]
+    assert r["steps"] == 2 and math.isfinite(r["loss"]), r
+    assert "toy" in r["choices"] and r["lr"] == 1e-3 and r["class_token"] is False  # its recipe applied
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    assert "toy" not in list_models(), "the registration lived in the rank process only"
+
+
+def test_registering_a_taken_name_is_refused():
+    with pytest.raises(ValueError, match="'vit' is already registered"):
+        register_family(dataclasses.replace(TOY, name="vit"))
+    assert FAMILIES["vit"].model.__name__ == "ViT"
+
+
+# ---------------------------------------------------------------- command line
+def _help(argv: list[str]) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        parse([*argv, "--help"])
+    return out.getvalue()
+
+
+def test_cli_model_choices_equal_the_registry():
+    text = _help(["--model", "vit"])
+    choices = re.search(r"--model \{([^}]*)\}", text).group(1).split(",")
+    assert choices == list_models()
+    with pytest.raises(SystemExit):
+        parse(["--model", "resnet"])
+
+
+def test_every_constructor_option_is_a_documented_cli_option():
+    fields = {f.name for f in dataclasses.fields(ArchConfig)}
+    for name, spec in FAMILIES.items():
+        missing = model_arguments(spec.model) - INTERNAL - fields
+        assert not missing, f"{name}: constructor options without --arch flag: {sorted(missing)}"
+    undocumented = [n for n, o in ARCH_OPTIONS.items() if not o.help]
+    assert not undocumented, f"options without a docstring entry: {undocumented}"
+    text = _help(["--model", "mae"])
+    assert "--arch.mask-ratio" in text and "[mae]" in text
+
+
+def test_an_option_the_family_does_not_take_is_an_error_naming_who_does():
+    cfg = parse(["--model", "vit", "--arch.mask-ratio", "0.5"])
+    with pytest.raises(ValueError, match=r"--model vit does not take \['mask_ratio'\] \(--arch.mask-ratio applies to mae\)"):
+        model_kwargs(cfg)
+    assert model_kwargs(parse(["--model", "mae", "--arch.mask-ratio", "0.5"]))["mask_ratio"] == 0.5
+
+
+def test_recipes_take_the_family_defaults():
+    assert preset("vit", accelerator=False).arch.num_classes == 3
+    assert preset("mae", accelerator=False).arch.num_classes is None  # mae has no classes
+    assert preset("mae", accelerator=True).arch.patch_size == 16
+
+
+# ---------------------------------------------------------------- --config FILE
+def test_a_saved_config_loads_back_as_the_defaults(tmp_path):
+    cfg = parse(["--model", "unetr", "--arch.img-size", "16", "16", "16", "--optim.lr", "3e-4", "--arch.rope", "True"])
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    loaded = load_config(path)
+    assert loaded.to_dict() == cfg.to_dict() and isinstance(loaded, Config)
+    again = parse(["--config", str(path), "--max-steps", "7"])
+    assert again.arch.img_size == (16, 16, 16) and again.optim.lr == 3e-4 and again.arch.rope is True
+    assert again.max_steps == 7 and again.model == "unetr"
+    with pytest.raises(ValueError, match=r"--model vit contradicts --config"):
+        parse(["--config", str(path), "--model", "vit"])
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('{"model": "mae", "optim": {"lr": 1, "momentum": 0.9}}', r"unknown field\(s\) \['optim.momentum'\]"),
+        ("{not json", "not valid JSON"),
+        ('{"arch": 3}', r"field arch: expected a mapping, got int"),
+    ],
+)
+def test_a_bad_config_file_is_a_clear_error(tmp_path, text, match):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_config(path)
+    with pytest.raises(ValueError, match="cannot read it"):
+        load_config(tmp_path / "missing.json")
+
+
+def test_spec_inputs_and_extra_of_the_built_in_families():
+    x = torch.randn(2, 3, 16, 16)
+    for name in ("vit", "mae", "unetr", "sap", "diffusion"):
+        spec = get_family(name)
+        model = get_family(name).model(img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2)
+        model.init_weights()
+        out = model(*spec.inputs(model, {"image": x}))
+        assert torch.isfinite(out[0] if isinstance(out, tuple) else out).all(), name
+    assert get_family("diffusion").build_extra(model).num_steps == model.time_steps
+    assert get_family("vit").build_extra(None) is None

@@ -1,0 +1,63 @@
+"""Command line of ``recipes/train.py``: a recipe (or a saved config) as defaults, flags on top.
+
+    recipes/train.py --model mae --optim.lr 3e-4           # the mae recipe, one field changed
+    recipes/train.py --config runs/a/config.json --max-steps 200   # repeat a run, longer
+
+``--model`` choices are the registered families (``ucfvit.models.list_models()``), read when the
+command line is parsed, so a family registered before that is a valid ``--model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+from typing import Annotated, Literal
+
+import tyro
+
+from ucfvit.models import list_models
+
+from .config import Config, load_config
+from .presets import preset
+
+__all__ = ["parse", "cli_config_class"]
+
+
+def cli_config_class() -> type[Config]:
+    """:class:`Config` with ``model`` narrowed to the families registered now (tyro shows them as choices)."""
+    names = tuple(list_models())
+    model_type = Annotated[Literal[names], tyro.conf.arg(help="Model family (picks the recipe).")]  # type: ignore[valid-type]
+    return dataclasses.make_dataclass("Config", [("model", model_type, dataclasses.field(default="mae"))], bases=(Config,))
+
+
+def _as(cls: type[Config], cfg: Config) -> Config:
+    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)})
+
+
+def parse(argv: Sequence[str], description: str | None = None) -> Config:
+    """Parse a training command line into a :class:`Config`.
+
+    ``--model``/``--model-size`` pick the recipe whose values become the defaults; ``--config FILE``
+    uses a saved ``config.json`` instead (then ``--model``/``--model-size`` may not change it).
+    """
+    argv = list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", choices=list_models())
+    pre.add_argument("--model-size", "--model_size")
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config is not None:
+        defaults = load_config(known.config)
+        for flag, value, saved in (("--model", known.model, defaults.model), ("--model-size", known.model_size, defaults.model_size)):
+            if value is not None and value != saved:
+                raise ValueError(
+                    f"{flag} {value} contradicts --config {known.config} ({flag} {saved}): its arch options belong "
+                    f"to {saved}; drop {flag}, or start from the recipe without --config"
+                )
+        index = argv.index("--config") if "--config" in argv else next(i for i, a in enumerate(argv) if a.startswith("--config="))
+        del argv[index : index + (1 if "=" in argv[index] else 2)]
+    else:
+        defaults = preset(known.model or "mae", known.model_size)
+    cls = cli_config_class()
+    return tyro.cli(cls, default=_as(cls, defaults), args=argv, description=description)
