@@ -9,6 +9,7 @@ import io
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from ucfvit.models import FamilySpec, VisionTransformer, get_family, list_models
 from ucfvit.models.registry import FAMILIES, model_arguments
 from ucfvit.train.cli import parse
 from ucfvit.train.config import ARCH_OPTIONS, ArchConfig, Config, load_config
-from ucfvit.train.model_options import INTERNAL
+from ucfvit.train.model_options import INTERNAL, options_table
 from ucfvit.train.presets import preset
 from ucfvit.train.trainer import model_kwargs
 
@@ -99,6 +100,13 @@ def test_every_constructor_option_is_a_documented_cli_option():
     assert not undocumented, f"options without a docstring entry: {undocumented}"
     text = _help(["--model", "mae"])
     assert "--arch.mask-ratio" in text and "[mae]" in text
+
+
+def test_the_readme_lists_every_option_with_where_it_applies():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    listed = readme.split("<!-- options:start -->\n")[1].split("\n<!-- options:end -->")[0]
+    expected = options_table(ARCH_OPTIONS)
+    assert listed == expected, f"README's option table is stale; replace it by:\n{expected}"
 
 
 def test_an_option_the_family_does_not_take_is_an_error_naming_who_does():

@@ -22,7 +22,7 @@ from torch import nn
 
 from ucfvit.models.registry import FamilySpec, model_arguments
 
-__all__ = ["OptionInfo", "collect_options", "make_arch_config", "families_taking"]
+__all__ = ["OptionInfo", "collect_options", "make_arch_config", "options_table"]
 
 # Constructor arguments that are not user options: set by the family itself or implied by img_size.
 INTERNAL = {"out_chans", "ndim"}
@@ -105,10 +105,6 @@ def collect_options(families: Iterable[FamilySpec]) -> dict[str, OptionInfo]:
     }
 
 
-def families_taking(options: Mapping[str, OptionInfo], name: str) -> tuple[str, ...]:
-    return options[name].families if name in options else ()
-
-
 def make_arch_config(options: Mapping[str, OptionInfo]) -> type:
     """A dataclass with one ``T | None = None`` field per option, documented for tyro."""
     everyone = set().union(*(o.families for o in options.values())) if options else set()
@@ -121,3 +117,19 @@ def make_arch_config(options: Mapping[str, OptionInfo]) -> type:
     cls.__doc__ = "Model constructor options (None: the family's default at --model-size; [families that take it])."
     cls.__module__ = __name__
     return cls
+
+
+def options_table(options: Mapping[str, OptionInfo]) -> str:
+    """A Markdown table of the options: flag, type, where it applies, description (README's list)."""
+    everyone = set().union(*(o.families for o in options.values())) if options else set()
+    rows = ["| option | type | families | meaning |", "| --- | --- | --- | --- |"]
+    for info in options.values():
+        kind = getattr(info.type, "__name__", None) or str(info.type).replace("typing.", "")
+        if typing.get_origin(info.type) is Literal:
+            kind = " \\| ".join(f"`{a}`" for a in typing.get_args(info.type))
+        elif typing.get_origin(info.type) is tuple:
+            kind = f"{typing.get_args(info.type)[0].__name__}..."
+        where = "all" if set(info.families) == everyone else ", ".join(info.families)
+        rows.append(f"| `{info.name}` | {kind} | {where} | {info.help.replace('|', chr(92) + '|')} |")
+    return "\n".join(rows)
+
