@@ -1,4 +1,4 @@
-"""The layering of the package, checked on the source.
+"""The layering of the package, checked on the source, and ruff (lint + format) on the repository.
 
 Layers import one way: ``models`` (plain PyTorch) <- ``parallel`` <- ``train``, and ``data`` stays
 apart from ``parallel`` and ``train``. Every import statement counts, inside functions too, with
@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import subprocess
+import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "ucfvit"
@@ -26,6 +30,8 @@ WHY = {
     "ucfvit.parallel": "parallel/ works for any model and knows nothing of training or data",
     "ucfvit.data": "data/ knows nothing of training or of parallel/",
 }
+
+RUFF_PATHS = ["ucfvit", "tests", "recipes", "examples", "benchmarks"]
 
 
 def module_name(path: pathlib.Path) -> str:
@@ -106,3 +112,17 @@ def test_layer_check_sees_relative_nested_and_submodule_imports():
         "ucfvit.parallel.mesh.MESH_DIMS",
     ]
     assert violations("from ucfvit.models.rng import SampleRNG", "ucfvit.parallel.samples", False, "x") == []
+
+
+def _ruff(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ruff", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["check", "format"])
+def test_ruff(command):
+    if _ruff("--version").returncode:
+        pytest.fail("ruff is missing; it is part of the test extra: pip install -e '.[test]'")
+    paths = [p for p in RUFF_PATHS if (ROOT / p).exists()]
+    result = _ruff(*command, "--no-cache", *paths)
+    if result.returncode:
+        pytest.fail(f"ruff {' '.join(command)} {' '.join(paths)}:\n{result.stdout}{result.stderr}", pytrace=False)

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
+from distributed import run_ranks
 from ucfvit.models import build_model
 from ucfvit.parallel import MeshShape, parse_mesh
-from distributed import run_ranks
 
 
 @pytest.mark.parametrize(
