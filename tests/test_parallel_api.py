@@ -7,9 +7,9 @@ import math
 
 import pytest
 
+from distributed import run_ranks
 from ucfvit.models import build_model
 from ucfvit.parallel import MeshShape, parse_mesh
-from distributed import run_ranks
 
 
 @pytest.mark.parametrize(
@@ -17,7 +17,7 @@ from distributed import run_ranks
     [
         (8, "2x2", None, r"mesh '2x2' must be three positive integers ddp x fsdp x tp, e.g. --mesh 1x4x2"),
         (8, "3x1x1", None, r"mesh 3x1x1 has 3 ranks but the world size is 8.*e.g. --mesh 1x4x2"),
-        (8, "1x1x8", 12, r"has 12 heads, not divisible by tp=8; choose tp among \[1, 2, 3, 4, 6, 12\]"),
+        (8, "1x1x8", 12, r"has 12 heads: num_heads=12 is not divisible by tp=8; choose tp among \[1, 2, 3, 4, 6, 12\]"),
         (2, "0x1x2", None, r"three positive integers"),
     ],
 )

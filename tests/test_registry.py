@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import ast
-import pathlib
-
 import pytest
 import torch
 
-import ucfvit
 from ucfvit.models import build_model
 from conftest import IMG
 
@@ -73,14 +69,3 @@ def test_wrong_image_size_is_rejected():
     model = build_model("vit", "debug", img_size=IMG[2])
     with pytest.raises(ValueError, match="img_size"):
         model(torch.randn(1, 3, 20, 16))
-
-
-def test_model_code_never_imports_torch_distributed():
-    root = pathlib.Path(ucfvit.__file__).parent / "models"
-    for path in root.glob("*.py"):
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            if isinstance(node, ast.ImportFrom):
-                names = [node.module or ""]
-            assert not any(n.startswith("torch.distributed") for n in names), f"{path.name} imports {names}"

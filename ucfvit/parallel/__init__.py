@@ -1,12 +1,30 @@
-"""Parallelism for any model over one ``ddp x fsdp x tp`` DeviceMesh (DTensor + FSDP2)."""
+"""Parallelism for any model over one ``ddp x fsdp x tp`` DeviceMesh (DTensor + FSDP2).
 
-from .mesh import MESH_DIMS, MeshShape, data_parallel_info, make_mesh, mesh_device_type, parse_mesh
-from .parallelize import AC_MODES, dp_mesh_of, parallelize
+``mesh`` builds the mesh, ``plans`` holds tensor-parallel plans as data, ``parallelize`` applies
+TP -> activation checkpointing -> compile -> FSDP2 (each step also usable alone), ``samples`` says
+which samples and random stream a rank gets, ``clip`` clips DTensor gradients exactly, and
+``state_dict`` gathers a full state dict for export.
+"""
+
+from .clip import clip_grad_norm_
+from .mesh import MESH_DIMS, MeshShape, make_mesh, mesh_device_type, parse_mesh
+from .parallelize import (
+    AC_MODES,
+    apply_ac,
+    apply_compile,
+    apply_fsdp,
+    apply_tp,
+    check_parallelizable,
+    dp_mesh_of,
+    parallelize,
+)
 from .plans import ModelPlan, SequenceParallelBlock, plan_for, register_plan, vit_plan
-from .utils import clip_grad_norm_, full_state_dict, local_batch_range, sample_rng
+from .samples import data_parallel_info, local_batch_range, sample_rng
+from .state_dict import full_state_dict
 
 __all__ = [
-    "AC_MODES", "MESH_DIMS", "MeshShape", "ModelPlan", "SequenceParallelBlock", "clip_grad_norm_",
-    "data_parallel_info", "dp_mesh_of", "full_state_dict", "local_batch_range", "make_mesh",
-    "mesh_device_type", "parallelize", "parse_mesh", "plan_for", "register_plan", "sample_rng", "vit_plan",
+    "AC_MODES", "MESH_DIMS", "MeshShape", "ModelPlan", "SequenceParallelBlock", "apply_ac", "apply_compile",
+    "apply_fsdp", "apply_tp", "check_parallelizable", "clip_grad_norm_", "data_parallel_info", "dp_mesh_of",
+    "full_state_dict", "local_batch_range", "make_mesh", "mesh_device_type", "parallelize", "parse_mesh", "plan_for",
+    "register_plan", "sample_rng", "vit_plan",
 ]  # fmt: skip

@@ -1,5 +1,5 @@
-"""The ``ddp x fsdp x tp`` DeviceMesh: parse ``"2x2x2"``, validate, build, and answer
-data-parallel questions (which rank sees which samples)."""
+"""The ``ddp x fsdp x tp`` DeviceMesh: parse ``"2x2x2"``, validate it against the world size,
+and build it (initialising the process group when needed)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 MESH_DIMS = ("ddp", "fsdp", "tp")
 
-__all__ = ["MESH_DIMS", "MeshShape", "parse_mesh", "make_mesh", "mesh_device_type", "data_parallel_info", "world_size"]
+__all__ = ["MESH_DIMS", "MeshShape", "parse_mesh", "make_mesh", "mesh_device_type", "world_size"]
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,7 @@ def parse_mesh(spec: str | Sequence[int] | MeshShape, world_size: int | None = N
         except (TypeError, ValueError):
             values = []
         if len(values) != 3 or any(v <= 0 for v in values):
-            raise ValueError(
-                f"mesh {spec!r} must be three positive integers ddp x fsdp x tp, {hint}"
-            )
+            raise ValueError(f"mesh {spec!r} must be three positive integers ddp x fsdp x tp, {hint}")
         shape = MeshShape(*values)
     if world_size is not None and shape.world_size != world_size:
         raise ValueError(
@@ -115,10 +113,3 @@ def make_mesh(spec: str | Sequence[int] | MeshShape, *, device_type: str | None 
             )
     _init_process_group(device_type)
     return init_device_mesh(device_type, (shape.ddp, shape.fsdp, shape.tp), mesh_dim_names=MESH_DIMS)
-
-
-def data_parallel_info(mesh: DeviceMesh) -> tuple[int, int]:
-    """``(dp_rank, dp_size)`` of this rank: ranks of one tp group share the coordinate and must
-    see the same samples; sample ``i`` of a global batch belongs to ``dp_rank = i // local_batch``."""
-    ddp, fsdp = mesh["ddp"], mesh["fsdp"]
-    return ddp.get_local_rank() * fsdp.size() + fsdp.get_local_rank(), ddp.size() * fsdp.size()

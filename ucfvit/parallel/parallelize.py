@@ -1,5 +1,10 @@
 """``parallelize(model, mesh)``: the one code path from a single CPU to thousands of GPUs.
 
+Each step is a function of its own that can be used alone (as in torchtitan): :func:`apply_tp`,
+:func:`apply_ac`, :func:`apply_compile`, :func:`apply_fsdp`. :func:`check_parallelizable` raises
+every error :func:`parallelize` would raise for a model and a tp degree, without a mesh or a
+process group, so a launcher can validate a configuration on every rank before any collective.
+
 Order (as in torchtitan): tensor parallel -> activation checkpointing -> compile -> FSDP per
 block -> FSDP on the root. TP first because FSDP shards the DTensors TP creates; AC and compile
 wrap the block's forward before FSDP adds its hooks around the module call, so each block's
@@ -9,7 +14,7 @@ all-gather/reduce-scatter stays outside the compiled and recomputed region.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -22,13 +27,123 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from ucfvit.models.encoder import VisionTransformer
 
 from .mesh import MESH_DIMS
-from .plans import ModelPlan, StyleSpec, check_tp_divisibility, match_modules, plan_for, register_plan, resolve_style, vit_plan
+from .plans import (
+    ModelPlan,
+    StyleSpec,
+    check_tp_divisibility,
+    match_modules,
+    plan_for,
+    register_plan,
+    resolve_style,
+    vit_plan,
+)
 
-__all__ = ["parallelize", "AC_MODES", "dp_mesh_of"]
+__all__ = [
+    "AC_MODES",
+    "apply_ac",
+    "apply_compile",
+    "apply_fsdp",
+    "apply_tp",
+    "check_parallelizable",
+    "dp_mesh_of",
+    "parallelize",
+]
 
 AC_MODES = ("none", "full", "selective")
 
 register_plan(VisionTransformer, vit_plan)
+
+
+# --- validation: from the model and the degrees alone --------------------------------------------
+
+
+def _resolve_plan(
+    model: nn.Module, plan: Mapping[str, StyleSpec] | ModelPlan | None, sequence_parallel: bool
+) -> ModelPlan:
+    if isinstance(plan, ModelPlan):
+        return plan
+    default = plan_for(model, sequence_parallel)
+    if plan is None:
+        if default is None:
+            raise ValueError(
+                f"no tensor-parallel plan is registered for {type(model).__name__}: pass plan={{'pattern': 'colwise'|"
+                "'rowwise'|ParallelStyle, ...}} or register one with ucfvit.parallel.register_plan"
+            )
+        return default
+    return ModelPlan(tp=dict(plan), blocks=default.blocks if default else ())
+
+
+def _validate(
+    model: nn.Module,
+    tp: int,
+    plan: Mapping[str, StyleSpec] | ModelPlan | None,
+    blocks: Sequence[str] | None,
+    sequence_parallel: bool,
+    activation_checkpointing: str,
+    compile: bool | str,
+) -> tuple[dict[str, StyleSpec], list[nn.Module]]:
+    """:func:`check_parallelizable`; returns the tensor-parallel plan and the block modules."""
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tp={tp!r} must be a positive integer (the size of the mesh's tp dimension)")
+    if activation_checkpointing not in AC_MODES:
+        raise ValueError(f"activation_checkpointing={activation_checkpointing!r} is unknown; choose one of {AC_MODES}")
+    if compile and activation_checkpointing == "full" and tp > 1:
+        # torch 2.13's AOT autograd saves a DeviceMesh among the tensors of a fully checkpointed,
+        # compiled tensor-parallel block and fails; "selective" compiles fine (tested).
+        raise ValueError(
+            "activation_checkpointing='full' with compile=True and tp > 1 is not supported by torch 2.13; "
+            "use activation_checkpointing='selective' (or compile=False)"
+        )
+    resolved = _resolve_plan(model, plan, sequence_parallel)
+    tp_matches = match_modules(model, resolved.tp)  # a pattern matching nothing is an error on any mesh
+    if tp > 1:
+        check_tp_divisibility(tp_matches, resolved.tp, tp)
+    block_patterns = tuple(blocks) if blocks is not None else resolved.blocks
+    block_modules = [m for hits in match_modules(model, block_patterns).values() for _, m in hits]
+    return resolved.tp, block_modules
+
+
+def check_parallelizable(
+    model: nn.Module,
+    tp: int,
+    *,
+    plan: Mapping[str, StyleSpec] | ModelPlan | None = None,
+    blocks: Sequence[str] | None = None,
+    sequence_parallel: bool = False,
+    activation_checkpointing: str = "none",
+    compile: bool | str = False,
+) -> None:
+    """Raise the ``ValueError`` :func:`parallelize` would raise for these options on a mesh whose
+    tp dimension has size ``tp`` (the mesh's dimension names aside), and return otherwise.
+
+    Needs no DeviceMesh, no process group and no memory: ``model`` may be on the meta device. Call
+    it on every rank before building the mesh so a bad head count or plan fails everywhere at once
+    instead of hanging a collective. Checks: a tensor-parallel plan exists (registered or given),
+    every plan and block pattern matches a module, ``tp`` divides every head count and sharded
+    Linear dim, the activation-checkpointing mode is known and is supported with ``compile``.
+    The keyword arguments mean what they mean for :func:`parallelize`.
+    """
+    _validate(model, tp, plan, blocks, sequence_parallel, activation_checkpointing, compile)
+
+
+# --- the steps, in the order parallelize applies them ----------------------------------------------
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, plan: Mapping[str, StyleSpec] | ModelPlan) -> None:
+    """Tensor-parallelize ``model`` in place over the 1-D ``tp_mesh`` following ``plan``.
+
+    ``plan`` maps module-name patterns (``*`` = one name segment) to ``"colwise"``, ``"rowwise"`` or
+    a ParallelStyle (or is a :class:`ModelPlan`, whose ``tp`` is used). Raises ``ValueError`` before
+    changing anything if a pattern matches no module or the tp size does not divide a head count or
+    a sharded Linear dim.
+    """
+    styles = plan.tp if isinstance(plan, ModelPlan) else plan
+    matches = match_modules(model, styles)
+    check_tp_divisibility(matches, styles, tp_mesh.size())
+    for pattern, hits in matches.items():
+        for _, module in hits:
+            parallelize_module(module, tp_mesh, resolve_style(styles[pattern]))
+
 
 # Selective AC keeps the outputs of matmuls, attention kernels and collectives and recomputes
 # the cheap element-wise ops (norms, GELU, residual adds) in backward.
@@ -50,7 +165,7 @@ def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _apply_activation_checkpointing(block: nn.Module, mode: str) -> None:
+def _checkpoint_forward(block: nn.Module, mode: str) -> None:
     """Checkpoint ``block``'s forward in place (module names and state-dict keys are unchanged)."""
     inner = block.forward
     context_fn = (
@@ -63,6 +178,32 @@ def _apply_activation_checkpointing(block: nn.Module, mode: str) -> None:
         return checkpoint(inner, *args, use_reentrant=False, **extra, **kwargs)
 
     block.forward = forward
+
+
+def apply_ac(blocks: Iterable[nn.Module], mode: str) -> None:
+    """Activation-checkpoint each of ``blocks`` in place.
+
+    ``mode``: ``"none"`` (no-op), ``"full"`` (keep only the block's inputs, recompute the rest in
+    backward) or ``"selective"`` (also keep the outputs of matmuls, attention and collectives).
+    Module names and state-dict keys are unchanged, so checkpoints do not depend on the mode.
+    """
+    if mode not in AC_MODES:
+        raise ValueError(f"activation_checkpointing={mode!r} is unknown; choose one of {AC_MODES}")
+    if mode == "none":
+        return
+    for block in blocks:
+        _checkpoint_forward(block, mode)
+
+
+def apply_compile(blocks: Iterable[nn.Module], backend: str | None = None) -> None:
+    """``torch.compile`` each of ``blocks`` in place (``backend``: default inductor), with static shapes.
+
+    Per block rather than the whole model, so FSDP's hooks around each block stay outside the graph.
+    """
+    for block in blocks:
+        # dynamic=False: encoder and decoder blocks share Block.forward, and a recompile for the
+        # decoder's shapes must not switch to dynamic shapes (which fails under DTensor in torch 2.13).
+        block.compile(dynamic=False, **({"backend": backend} if backend else {}))
 
 
 def _shard_placement(param: nn.Parameter, shards: int) -> Shard | None:
@@ -83,18 +224,37 @@ def dp_mesh_of(mesh: DeviceMesh) -> DeviceMesh:
     return mesh["ddp", "fsdp"] if mesh["ddp"].size() > 1 else mesh["fsdp"]
 
 
-def _resolve_plan(model: nn.Module, plan: Mapping[str, StyleSpec] | ModelPlan | None, sequence_parallel: bool) -> ModelPlan:
-    if isinstance(plan, ModelPlan):
-        return plan
-    default = plan_for(model, sequence_parallel)
-    if plan is None:
-        if default is None:
-            raise ValueError(
-                f"no tensor-parallel plan is registered for {type(model).__name__}: pass plan={{'pattern': 'colwise'|"
-                "'rowwise'|ParallelStyle, ...}} or register one with ucfvit.parallel.register_plan"
-            )
-        return default
-    return ModelPlan(tp=dict(plan), blocks=default.blocks if default else ())
+def apply_fsdp(
+    model: nn.Module,
+    dp_mesh: DeviceMesh,
+    blocks: Sequence[nn.Module] = (),
+    *,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype = torch.float32,
+    reshard_after_forward: bool = True,
+) -> None:
+    """FSDP2 ``fully_shard`` each of ``blocks``, then the root ``model`` (which takes the rest).
+
+    ``dp_mesh`` is 1-D (FSDP, or plain replication when its size is 1) or 2-D ``(replicate, shard)``
+    (HSDP); :func:`dp_mesh_of` picks it from a ``ddp x fsdp x tp`` mesh. Parameters are kept in
+    fp32 and cast to ``param_dtype`` for compute; gradients are reduced in ``reduce_dtype``.
+    ``reshard_after_forward`` frees gathered parameters of inner blocks after forward; the root and
+    the last block always keep them (backward needs them first).
+    """
+    kwargs = dict(
+        mesh=dp_mesh,
+        mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
+        shard_placement_fn=functools.partial(_shard_placement, shards=dp_mesh.size(-1)),
+    )
+    blocks = list(blocks)
+    for i, block in enumerate(blocks):
+        # The last block runs first in backward: keeping it gathered saves an all-gather.
+        last = i == len(blocks) - 1
+        fully_shard(block, reshard_after_forward=reshard_after_forward and not last, **kwargs)
+    fully_shard(model, reshard_after_forward=False, **kwargs)
+
+
+# --- all together ----------------------------------------------------------------------------------
 
 
 def parallelize(
@@ -111,6 +271,9 @@ def parallelize(
     sequence_parallel: bool = False,
 ) -> nn.Module:
     """Parallelize ``model`` in place over a ``("ddp", "fsdp", "tp")`` mesh and return it.
+
+    Validates everything first (:func:`check_parallelizable`), then applies :func:`apply_tp`
+    (if tp > 1), :func:`apply_ac`, :func:`apply_compile` and :func:`apply_fsdp` in that order.
 
     Args:
         model: any module; built-in families bring their plan. Preferably on the meta device,
@@ -129,49 +292,24 @@ def parallelize(
         sequence_parallel: run norms on sequence shards inside blocks (tp > 1).
     """
     if tuple(mesh.mesh_dim_names or ()) != MESH_DIMS:
-        raise ValueError(f"mesh must have dimensions {MESH_DIMS} (use ucfvit.parallel.make_mesh), got {mesh.mesh_dim_names}")
-    if activation_checkpointing not in AC_MODES:
-        raise ValueError(f"activation_checkpointing={activation_checkpointing!r} is unknown; choose one of {AC_MODES}")
-    if compile and activation_checkpointing == "full" and mesh["tp"].size() > 1:
-        # torch 2.13's AOT autograd saves a DeviceMesh among the tensors of a fully checkpointed,
-        # compiled tensor-parallel block and fails; "selective" compiles fine (tested).
         raise ValueError(
-            "activation_checkpointing='full' with compile=True and tp > 1 is not supported by torch 2.13; "
-            "use activation_checkpointing='selective' (or compile=False)"
+            f"mesh must have dimensions {MESH_DIMS} (use ucfvit.parallel.make_mesh), got {mesh.mesh_dim_names}"
         )
-    resolved = _resolve_plan(model, plan, sequence_parallel)
-    block_patterns = tuple(blocks) if blocks is not None else resolved.blocks
     tp = mesh["tp"].size()
-
     # Validate everything from the config alone before any collective (all ranks agree).
-    tp_matches = match_modules(model, resolved.tp)  # a pattern matching nothing is an error on any mesh
+    tp_plan, block_modules = _validate(model, tp, plan, blocks, sequence_parallel, activation_checkpointing, compile)
+    # Order: TP -> AC -> compile -> FSDP (see the module docstring for why).
     if tp > 1:
-        check_tp_divisibility(tp_matches, resolved.tp, tp)
-    block_modules = [m for hits in match_modules(model, block_patterns).values() for _, m in hits]
-
-    if tp > 1:
-        tp_mesh = mesh["tp"]
-        for pattern, hits in tp_matches.items():
-            for _, module in hits:
-                parallelize_module(module, tp_mesh, resolve_style(resolved.tp[pattern]))
-
-    for block in block_modules:
-        if activation_checkpointing != "none":
-            _apply_activation_checkpointing(block, activation_checkpointing)
-        if compile:
-            # dynamic=False: encoder and decoder blocks share Block.forward, and a recompile for the
-            # decoder's shapes must not switch to dynamic shapes (which fails under DTensor in torch 2.13).
-            block.compile(dynamic=False, **({"backend": compile} if isinstance(compile, str) else {}))
-
-    dp_mesh = dp_mesh_of(mesh)
-    fsdp_kwargs = dict(
-        mesh=dp_mesh,
-        mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
-        shard_placement_fn=functools.partial(_shard_placement, shards=dp_mesh.size(-1)),
+        apply_tp(model, mesh["tp"], tp_plan)
+    apply_ac(block_modules, activation_checkpointing)
+    if compile:
+        apply_compile(block_modules, backend=compile if isinstance(compile, str) else None)
+    apply_fsdp(
+        model,
+        dp_mesh_of(mesh),
+        block_modules,
+        param_dtype=param_dtype,
+        reduce_dtype=reduce_dtype,
+        reshard_after_forward=reshard_after_forward,
     )
-    for i, block in enumerate(block_modules):
-        # The last block runs first in backward: keeping it gathered saves an all-gather.
-        last = i == len(block_modules) - 1
-        fully_shard(block, reshard_after_forward=reshard_after_forward and not last, **fsdp_kwargs)
-    fully_shard(model, reshard_after_forward=False, **fsdp_kwargs)
     return model

@@ -34,9 +34,19 @@ from torch.distributed.tensor.parallel import (
 
 from ucfvit.models.layers import Attention
 
-__all__ = ["ModelPlan", "register_plan", "plan_for", "vit_plan", "resolve_style", "match_modules", "SequenceParallelBlock"]
+__all__ = [
+    "ModelPlan",
+    "SequenceParallelBlock",
+    "StyleSpec",
+    "check_tp_divisibility",
+    "match_modules",
+    "plan_for",
+    "register_plan",
+    "resolve_style",
+    "vit_plan",
+]
 
-StyleSpec = ParallelStyle | str
+StyleSpec = ParallelStyle | str  # "colwise", "rowwise" or any ParallelStyle
 
 
 @dataclass
@@ -137,6 +147,7 @@ def plan_for(model: nn.Module, sequence_parallel: bool = False) -> ModelPlan | N
 
 
 def resolve_style(style: StyleSpec) -> ParallelStyle:
+    """The ParallelStyle for ``"colwise"``/``"rowwise"`` (a fresh instance), or ``style`` itself."""
     if isinstance(style, ParallelStyle):
         return style
     styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
@@ -166,8 +177,14 @@ def match_modules(model: nn.Module, patterns: Iterable[str]) -> dict[str, list[t
     return out
 
 
-def check_tp_divisibility(matches: Mapping[str, list[tuple[str, nn.Module]]], plan: Mapping[str, StyleSpec], tp: int) -> None:
-    """Shapes a tp degree must divide: sharded Linear dims and the heads of ucfvit attention."""
+def check_tp_divisibility(
+    matches: Mapping[str, list[tuple[str, nn.Module]]], plan: Mapping[str, StyleSpec], tp: int
+) -> None:
+    """Raise ``ValueError`` unless ``tp`` divides every shape the plan splits: the head count of each
+    matched ucfvit :class:`Attention` and the sharded dim of each column-/row-wise ``nn.Linear``.
+
+    ``matches`` is :func:`match_modules` of the plan's patterns; needs only module shapes (meta is fine).
+    """
     for pattern, hits in matches.items():
         style = plan[pattern]
         for name, module in hits:
@@ -175,7 +192,7 @@ def check_tp_divisibility(matches: Mapping[str, list[tuple[str, nn.Module]]], pl
                 heads = module.q.out_features // module.head_dim
                 if heads % tp:
                     raise ValueError(
-                        f"{name} has {heads} heads, not divisible by tp={tp}; choose tp among "
+                        f"{name} has {heads} heads: num_heads={heads} is not divisible by tp={tp}; choose tp among "
                         f"{[d for d in range(1, heads + 1) if heads % d == 0]} or another num_heads"
                     )
             if isinstance(module, nn.Linear):

@@ -1,5 +1,4 @@
-"""Helpers a trainer needs around a parallelized model: which samples a rank sees, its random
-stream, a gradient clip that is exact for DTensors on any mesh, and full-state-dict export."""
+"""Gradient clipping that is exact for DTensor gradients on any ``ddp x fsdp x tp`` mesh."""
 
 from __future__ import annotations
 
@@ -9,33 +8,10 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial
 
-from ucfvit.models.rng import SampleRNG
-
-from .mesh import data_parallel_info
-
-__all__ = ["local_batch_range", "sample_rng", "clip_grad_norm_", "full_state_dict"]
-
-
-def local_batch_range(mesh: DeviceMesh, global_batch: int) -> range:
-    """Global sample indices of this rank's share of a batch (identical within a tp group)."""
-    dp_rank, dp_size = data_parallel_info(mesh)
-    if global_batch % dp_size:
-        raise ValueError(
-            f"global batch {global_batch} is not divisible by the data-parallel size ddp*fsdp={dp_size}"
-        )
-    local = global_batch // dp_size
-    return range(dp_rank * local, (dp_rank + 1) * local)
-
-
-def sample_rng(mesh: DeviceMesh, seed: int, step: int, global_batch: int, micro_start: int = 0) -> SampleRNG:
-    """The forward random stream of this rank at ``step``: keyed by (seed, step, global sample
-    index), so the same on any mesh; ``micro_start`` offsets a gradient-accumulation micro-batch
-    within the rank's share."""
-    return SampleRNG(seed, step, local_batch_range(mesh, global_batch).start + micro_start, global_batch)
+__all__ = ["clip_grad_norm_"]
 
 
 def _reduce_dims(grad: DTensor) -> tuple[int, ...]:
@@ -51,8 +27,9 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float, norm_ty
 
     Correct for any mix of plain tensors and DTensors on different meshes (FSDP shards, TP
     shards, replicated parameters): each shard's contribution is summed locally, then summed
-    over exactly the mesh dimensions it is sharded on (replicas are counted once). One
-    all-reduce per distinct (mesh, sharded-dims) group.
+    over exactly the mesh dimensions it is sharded on (replicas are counted once): one
+    all-reduce per sharded mesh dimension of each distinct (mesh, sharded dims) group.
+    Collective: every rank must call it.
     """
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
@@ -80,11 +57,3 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float, norm_ty
         local = g.to_local() if isinstance(g, DTensor) else g
         local.mul_(coef.to(local.device, local.dtype))
     return total_norm
-
-
-def full_state_dict(model: nn.Module, *, rank0_only: bool = True) -> dict[str, torch.Tensor]:
-    """Gather the unsharded model state dict on CPU (only on rank 0 if ``rank0_only``), with the
-    plain module names of an unparallelized model: ready for ``safetensors`` export."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
-    state = get_model_state_dict(model, options=options)
-    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
