@@ -72,6 +72,8 @@ def test_exported_safetensors_reproduce_the_parallel_model(tmp_path):
         (2, ["--mesh", "1x2x1", "--run.dir", "/dev/null/run"], r"--run.dir=/dev/null/run is not writable"),
         (2, ["--mesh", "1x1x2", "--arch.num-heads", "3", "--arch.embed-dim", "48"], r"num_heads=3 .* not divisible by tp=2"),
         (2, ["--mesh", "1x2x1", "--data.global-batch-size", "5"], r"global-batch-size=5 must be divisible by the data-parallel size"),
+        (2, ["--mesh", "1x1x2", "--parallel.compile", "--parallel.activation-checkpointing", "full"],
+         r"on mesh 1x1x2: activation_checkpointing='full' with compile=True and tp > 1"),
     ],
 )
 def test_bad_options_fail_on_every_rank_before_any_collective(world, argv, match, tmp_path):
@@ -80,6 +82,16 @@ def test_bad_options_fail_on_every_rank_before_any_collective(world, argv, match
     messages = run_ranks(world, "train_cases:error", "mae", argv, timeout=120)
     for msg in messages:
         assert re.search(match, msg), msg
+
+
+def test_fewer_model_classes_than_data_classes_is_refused(tmp_path):
+    from ucfvit.train.cli import parse
+    from ucfvit.train.trainer import validate_config
+
+    cfg = parse(["--model", "vit", "--arch.num-classes", "2", "--run.dir", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"--arch.num-classes=2 is smaller than the 3 classes of the data"):
+        validate_config(cfg)
+    assert validate_config(parse(["--model", "vit", "--run.dir", str(tmp_path)])).model.num_classes == 3
 
 
 def test_incompatible_checkpoint_is_refused(tmp_path):

@@ -26,7 +26,8 @@ from ucfvit.data import SyntheticImages
 from ucfvit.models import FamilySpec, build_model, get_family
 from ucfvit.models.registry import model_arguments
 from ucfvit.parallel import (
-    MeshShape, clip_grad_norm_, full_state_dict, local_batch_range, make_mesh, parallelize, parse_mesh, sample_rng,
+    MeshShape, check_parallelizable, clip_grad_norm_, full_state_dict, local_batch_range, make_mesh, parallelize,
+    parse_mesh, sample_rng,
 )  # fmt: skip
 from ucfvit.parallel.mesh import world_size
 
@@ -113,13 +114,18 @@ def validate_config(cfg: Config) -> RunPlan:
             f"--arch.num-classes={classes} is smaller than the {cfg.data.num_classes} classes of the data "
             f"(--data.num-classes): use --arch.num-classes {cfg.data.num_classes}"
         )
-    for name in ("num_heads", "decoder_num_heads"):
-        heads = getattr(model, name, None)
-        if heads and heads % shape.tp:
-            raise ValueError(
-                f"{name}={heads} of {cfg.model}/{cfg.model_size} is not divisible by tp={shape.tp} of mesh {shape}: "
-                f"use --arch.{name.replace('_', '-')} or another mesh"
-            )
+    try:  # everything parallelize would refuse on this mesh, from the config alone
+        check_parallelizable(
+            model, shape.tp,
+            sequence_parallel=cfg.parallel.sequence_parallel,
+            activation_checkpointing=cfg.parallel.activation_checkpointing,
+            compile=cfg.parallel.compile,
+        )  # fmt: skip
+    except ValueError as err:
+        raise ValueError(
+            f"{cfg.model}/{cfg.model_size} on mesh {shape}: {err} (--arch.num-heads / --arch.decoder-num-heads, "
+            "--mesh and --parallel.* set these)"
+        ) from err
     run_dir = cfg.run.dir.resolve()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
