@@ -57,9 +57,12 @@ _Word = int | torch.Tensor  # a 32-bit value: a Python int or an int64 tensor ho
 
 def _mulhilo(a: _Word, m: int) -> tuple[_Word, _Word]:
     """(high, low) 32-bit halves of the 64-bit product ``a * m`` without leaving int64."""
-    p_lo, p_hi = a * (m & 0xFFFF), a * (m >> 16)  # each < 2**48
-    t = p_lo + ((p_hi & 0xFFFF) << 16)  # < 2**49
-    return (p_hi >> 16) + (t >> 32), t & _MASK32
+    hi, lo = a * (m >> 16), a * (m & 0xFFFF)  # each < 2**48
+    lo += (hi & 0xFFFF) << 16  # < 2**49; in place (fresh tensors) to halve eager allocations
+    hi >>= 16
+    hi += lo >> 32
+    lo &= _MASK32
+    return hi, lo
 
 
 def key_schedule(key: Sequence[_Word], rounds: int = _ROUNDS) -> list[tuple[_Word, _Word]]:
@@ -82,7 +85,10 @@ def _philox(counter: Sequence[_Word], schedule: Sequence[tuple[_Word, _Word]]) -
     for k0, k1 in schedule:
         hi0, lo0 = _mulhilo(c0, _PHILOX_M[0])
         hi1, lo1 = _mulhilo(c2, _PHILOX_M[1])
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        x0, x2 = hi1 ^ c1, hi0 ^ c3  # may broadcast to a larger shape: not in place
+        x0 ^= k0
+        x2 ^= k1
+        c0, c1, c2, c3 = x0, lo1, x2, lo0
     return c0, c1, c2, c3
 
 
