@@ -180,3 +180,11 @@ def test_mae_forward_compiles_without_graph_breaks_or_recompiles():
         assert torch.equal(mask, ref_mask)
         torch.testing.assert_close(pred, ref_pred)
     assert counter.frame_count == 1, "a new step, rank or seed recompiled the forward"
+
+
+def test_synthetic_data_indices_beyond_32_bits_stay_distinct():
+    from ucfvit.data import SyntheticImages
+
+    data = SyntheticImages((8, 8), in_chans=1, num_classes=3, seed=2)
+    low, high = data.sample(7)["image"], data.sample(2**32 + 7)["image"]
+    assert not torch.equal(low, high) and torch.equal(high, data.sample(2**32 + 7)["image"])
