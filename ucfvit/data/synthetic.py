@@ -2,7 +2,9 @@
 
 Every sample is a pure function of (seed, global sample index), so any rank can produce any
 sample, the data order is the same on every mesh, and a checkpoint's data position (a global
-sample offset) means the same thing everywhere. In the spirit of UCF-VIT's basic_ct example:
+sample offset) means the same thing everywhere. The randomness is the counter-based hash of
+:mod:`ucfvit.models.rng` on data streams (``DATA_STREAM + k``), so it never coincides with the
+model's noise even when both use the run seed. In the spirit of UCF-VIT's basic_ct example:
 volumes are a cement matrix with dense aggregate spheres (class 1) and air pores (class 2).
 """
 
@@ -12,9 +14,13 @@ from collections.abc import Sequence
 
 import torch
 
+from ucfvit.models.rng import DATA_STREAM, keyed_rand, keyed_randn
+
 __all__ = ["SyntheticImages"]
 
-_MIX = 0x9E3779B97F4A7C15
+# Data streams: dataset constants, per-sample shapes, per-sample pixel noise.
+_INTENSITY, _SHAPES, _PIXELS = DATA_STREAM, DATA_STREAM + 1, DATA_STREAM + 2
+_MAX_SHAPES = 6
 
 
 class SyntheticImages:
@@ -35,25 +41,27 @@ class SyntheticImages:
         axes = [torch.linspace(-1, 1, s) for s in self.img_size]
         self._grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)  # (ndim, *img_size)
         # Class intensities per channel: matrix ~0.5, then alternating dense/light classes.
-        g = torch.Generator().manual_seed(seed)
-        self._intensity = torch.rand(num_classes, in_chans, generator=g) * 0.3
+        self._intensity = keyed_rand(seed, 0, _INTENSITY, (1, num_classes * in_chans)).view(num_classes, in_chans) * 0.3
         self._intensity[0] += 0.35
         self._intensity[1:] += torch.tensor([0.7 if k % 2 else 0.0 for k in range(1, num_classes)]).unsqueeze(1)
 
     def sample(self, index: int) -> dict[str, torch.Tensor]:
         """Sample number ``index`` (any non-negative int)."""
-        g = torch.Generator().manual_seed((self.seed * _MIX + index * 2654435761) & 0x7FFF_FFFF_FFFF_FFFF)
+        if index < 0:
+            raise ValueError(f"sample index {index} must be non-negative")
         ndim = len(self.img_size)
+        # One uniform for the shape count, then (centre, radius, class) per shape.
+        u = keyed_rand(self.seed, index, _SHAPES, (1, 1 + _MAX_SHAPES * (ndim + 2)))[0]
         seg = torch.zeros(self.img_size, dtype=torch.long)
-        count = int(torch.randint(2, 7, (1,), generator=g))
-        for _ in range(count):
-            centre = torch.rand(ndim, generator=g) * 1.6 - 0.8
-            radius = float(torch.rand(1, generator=g)) * 0.35 + 0.12
-            cls = int(torch.randint(1, self.num_classes, (1,), generator=g))
+        count = 2 + int(u[0] * (_MAX_SHAPES - 1))  # 2..6
+        for params in u[1:].view(_MAX_SHAPES, ndim + 2)[:count]:
+            centre = params[:ndim] * 1.6 - 0.8
+            radius = float(params[ndim]) * 0.35 + 0.12
+            cls = 1 + int(params[ndim + 1] * (self.num_classes - 1))
             inside = ((self._grid - centre.view(-1, *([1] * ndim))) ** 2).sum(0) < radius**2
             seg[inside] = cls
         image = self._intensity[seg].movedim(-1, 0)  # (C, *img_size)
-        image = image + 0.05 * torch.randn(image.shape, generator=g)
+        image = image + 0.05 * keyed_randn(self.seed, index, _PIXELS, (1, *image.shape))[0]
         counts = torch.bincount(seg.flatten(), minlength=self.num_classes)[1:]
         label = int(counts.argmax()) + 1 if counts.sum() > 0 else 0
         return {"image": image, "seg": seg, "label": torch.tensor(label)}
