@@ -121,7 +121,7 @@ def test_noise_costs_the_local_batch_on_4096_ranks(monkeypatch):
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from ucfvit.parallel import make_mesh, sample_rng
-    from ucfvit.train.losses import task_loss
+    from ucfvit.models import get_family
 
     if dist.is_initialized():
         pytest.skip("needs a fresh process group")
@@ -145,9 +145,9 @@ def test_noise_costs_the_local_batch_on_4096_ranks(monkeypatch):
         x = torch.randn(local, 3, *img)
         batch = {"image": x, "label": torch.zeros(local, dtype=torch.long), "seg": None}
         mae = build_model("mae", "debug", img_size=img, drop_path_rate=0.1).train()
-        task_loss("mae", mae, batch, rng)  # masks + drop path
+        get_family("mae").loss(mae, batch, rng, None)  # masks + drop path
         diffusion = build_model("diffusion", "debug", img_size=img, drop_path_rate=0.1).train()
-        task_loss("diffusion", diffusion, batch, sample_rng(mesh, 0, 3, global_batch), DDPMScheduler(1000))
+        get_family("diffusion").loss(diffusion, batch, sample_rng(mesh, 0, 3, global_batch), DDPMScheduler(1000))
     finally:
         dist.destroy_process_group()
 
