@@ -22,6 +22,18 @@ def regions(shape, patch_size: int, corner: int) -> list[tuple[tuple[int, ...], 
     return [(big, half)] + [(c, p) for c in cells if not all(b <= v < b + half for v, b in zip(c, big))]
 
 
+def region_tokens(image: torch.Tensor, parts, patch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One image (C, *S) cut into ``parts`` [(corner, side)] -> (patches, coords, sizes), each
+    region resized to ``patch_size`` with F.interpolate (area averaging)."""
+    nd = image.ndim - 1
+    patches = [
+        F.interpolate(image[(slice(None), *[slice(v, v + side) for v in corner])][None], size=[patch_size] * nd, mode="area")[0]
+        for corner, side in parts
+    ]
+    coords = torch.tensor([corner for corner, _ in parts], dtype=torch.long)
+    return torch.stack(patches), coords, torch.tensor([side for _, side in parts], dtype=torch.long)
+
+
 def quadtree(x: torch.Tensor, patch_size: int) -> dict[str, torch.Tensor]:
     """Batch entries of a padded PatchSequence of ``x`` (B, C, *S) with fixed_length = prod(S / patch_size)."""
     b, c, *shape = x.shape
@@ -34,11 +46,7 @@ def quadtree(x: torch.Tensor, patch_size: int) -> dict[str, torch.Tensor]:
     sizes = torch.full((b, length), p, dtype=torch.long)
     valid = torch.zeros(b, length, dtype=torch.bool)
     for i in range(b):
-        order = torch.randperm(length, generator=torch.Generator().manual_seed(i))
-        for slot, (corner, side) in zip(order.tolist(), regions(shape, p, i - 1)):
-            region = x[(slice(i, i + 1), slice(None), *[slice(v, v + side) for v in corner])]
-            patches[i, slot] = F.interpolate(region, size=[p] * nd, mode="area")[0]
-            coords[i, slot] = torch.tensor(corner)
-            sizes[i, slot] = side
-            valid[i, slot] = True
+        tokens, corners, sides = region_tokens(x[i], regions(shape, p, i - 1), p)
+        slots = torch.randperm(length, generator=torch.Generator().manual_seed(i))[: len(sides)]
+        patches[i, slots], coords[i, slots], sizes[i, slots], valid[i, slots] = tokens, corners, sides, True
     return {"patches": patches, "coords": coords, "sizes": sizes, "valid": valid}
