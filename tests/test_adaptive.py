@@ -116,6 +116,28 @@ def test_attention_with_a_pad_mask_equals_attention_on_the_valid_keys(backend):
         torch.testing.assert_close(out[i : i + 1], ref, rtol=1e-5, atol=1e-6)
 
 
+def test_xformers_gets_the_pad_mask_as_an_additive_bias(monkeypatch):
+    """xformers is CUDA-only: a stand-in with its documented API (inputs (B, N, heads, hd),
+    ``attn_bias`` (B, heads, N, M)) checks that the mask arrives as a -inf bias in that layout."""
+    import sys
+    import types
+
+    def memory_efficient_attention(q, k, v, attn_bias=None):
+        scores = torch.einsum("bnhd,bmhd->bhnm", q, k) / q.shape[-1] ** 0.5
+        if attn_bias is not None:
+            assert attn_bias.shape == scores.shape and attn_bias.stride(-2) % 8 == 0
+            scores = scores + attn_bias
+        return torch.einsum("bhnm,bmhd->bnhd", scores.softmax(-1), v)
+
+    ops = types.SimpleNamespace(memory_efficient_attention=memory_efficient_attention)
+    monkeypatch.setitem(sys.modules, "xformers", types.SimpleNamespace(ops=ops))
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    q, k, v = (torch.randn(2, 4, 7, 8) for _ in range(3))
+    valid = torch.tensor([[1, 1, 0, 1, 0, 1, 1], [0, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    torch.testing.assert_close(attention(q, k, v, "xformers", valid), attention(q, k, v, "sdpa", valid))
+    torch.testing.assert_close(attention(q, k, v, "xformers"), attention(q, k, v, "sdpa"))
+
+
 def _pair(family: str, backend: str, **kwargs):
     padded = build(family, fixed_length=16, attn_backend=backend, **kwargs).eval()
     short = build(family, fixed_length=13, attn_backend=backend, **kwargs).eval()

@@ -52,6 +52,9 @@ class PatchSequence(NamedTuple):
         coords: (B, L, ndim) top-left corners of the regions, in pixels of the original image.
         sizes: (B, L) region sides in pixels (square/cubic regions).
         valid: (B, L) bool, False on pad tokens (sequences shorter than ``L``); None: all valid.
+            Pad tokens are ignored but must hold finite values and a positive size (a NaN in a
+            masked key still reaches the output through 0 * NaN); :func:`pad_sequence` writes
+            zeros and size 1.
     """
 
     patches: torch.Tensor
