@@ -76,7 +76,7 @@ def meta_init(family: str, mesh_spec: str) -> dict:
     set_model_state_dict(model, ref.state_dict(), options=StateDictOptions(full_state_dict=True))
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     model.eval(), ref.eval()
-    args = {"diffusion": (x, torch.tensor([3, 7])), "sap": grid_patches(x, ref.patch_size)}.get(family, (x,))
+    args = {"diffusion": (x, torch.tensor([3, 7])), "sap": (grid_patches(x, ref.patch_size),)}.get(family, (x,))
     gen = torch.Generator
     out = model(*args, rng=gen().manual_seed(0))
     ref_out = ref(*args, rng=gen().manual_seed(0))

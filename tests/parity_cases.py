@@ -1,7 +1,13 @@
 """Worker side of the parity tests: a parallelized model against a single-process reference
-that sees the whole global batch (same state dict, same samples, same masks and drop path)."""
+that sees the whole global batch (same state dict, same samples, same masks and drop path).
+
+``parity(family, cases, overrides, inputs)``: ``overrides`` are extra model arguments, ``inputs``
+("module:function") makes extra batch entries from the images, e.g. adaptive patch sequences
+(``function(x, patch_size) -> {"patches", "coords", "sizes", "valid"}``)."""
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 import torch.distributed as dist
@@ -14,29 +20,35 @@ GLOBAL_BATCH, STEPS, SEED = 8, 3, 1234
 IMG = (16, 16)
 
 
-def build(family: str) -> torch.nn.Module:
+def build(family: str, overrides: dict | None = None) -> torch.nn.Module:
     kwargs = dict(img_size=IMG, drop_path_rate=0.1)
     if family in ("vit", "unetr", "sap"):
         kwargs["num_classes"] = 3
     if family == "unetr":
         kwargs["patch_size"] = 4
+    kwargs.update(overrides or {})
     torch.manual_seed(0)
     return build_model(family, "debug", **kwargs)
 
 
-def global_data(step: int) -> dict[str, torch.Tensor]:
+def global_data(step: int, img=IMG, inputs: str | None = None, patch_size: int = 4) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
-    return {
-        "x": torch.randn(GLOBAL_BATCH, 3, *IMG, generator=g),
+    data = {
+        "x": torch.randn(GLOBAL_BATCH, 3, *img, generator=g),
         "label": torch.randint(0, 3, (GLOBAL_BATCH,), generator=g),
-        "seg": torch.randint(0, 3, (GLOBAL_BATCH, *IMG), generator=g),
+        "seg": torch.randint(0, 3, (GLOBAL_BATCH, *img), generator=g),
     }
+    if inputs:
+        module, function = inputs.split(":")
+        data.update(getattr(importlib.import_module(module), function)(data["x"], patch_size))
+    return data
 
 
 def loss_fn(family: str, model, data: dict[str, torch.Tensor], rng: SampleRNG) -> torch.Tensor:
     """The family's own task loss (a mean over samples, so splitting a batch changes nothing)."""
     spec = get_family(family)
     batch = {"image": data["x"], "label": data["label"], "seg": data["seg"]}
+    batch.update({k: v for k, v in data.items() if k in ("patches", "coords", "sizes", "valid")})
     return spec.loss(model, batch, rng, spec.build_extra(model))
 
 
@@ -44,7 +56,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().float().cpu()
 
 
-def train(model, family: str, rows: range, accum: int, mesh=None) -> tuple[float, dict, dict]:
+def train(model, family: str, rows: range, accum: int, mesh=None, inputs: str | None = None) -> tuple[float, dict, dict]:
     """3 AdamW steps on samples ``rows`` of every global batch, accumulating ``accum`` micro-batches.
 
     Returns the step-1 global loss, step-1 gradients and final parameters, all unsharded."""
@@ -52,7 +64,7 @@ def train(model, family: str, rows: range, accum: int, mesh=None) -> tuple[float
     micro = len(rows) // accum
     loss0 = grads0 = None
     for step in range(STEPS):
-        data = global_data(step)
+        data = global_data(step, model.img_size, inputs, model.patch_size)
         total = 0.0
         for m in range(accum):
             start = rows.start + m * micro
@@ -92,15 +104,15 @@ def _max_abs(a: dict, b: dict) -> tuple[float, str]:
     return worst, name
 
 
-def parity(family: str, cases: list[dict]) -> list[dict]:
+def parity(family: str, cases: list[dict], overrides: dict | None = None, inputs: str | None = None) -> list[dict]:
     """Run each case ``{"mesh", "sp", "ac", "bf16", "accum"}``; on rank 0, report its deviations
     from the reference (other ranks return an empty list)."""
     torch.set_num_threads(1)
-    state = {k: v.clone() for k, v in build(family).state_dict().items()}
+    state = {k: v.clone() for k, v in build(family, overrides).state_dict().items()}
     runs = []
     for case in cases:
         mesh = make_mesh(case["mesh"])
-        model = build(family)
+        model = build(family, overrides)
         model.load_state_dict(state)
         parallelize(
             model, mesh,
@@ -110,12 +122,12 @@ def parity(family: str, cases: list[dict]) -> list[dict]:
             compile=case.get("compile", False),
         )  # fmt: skip
         rows = local_batch_range(mesh, GLOBAL_BATCH)
-        runs.append((case, train(model, family, rows, case.get("accum", 1), mesh)))
+        runs.append((case, train(model, family, rows, case.get("accum", 1), mesh, inputs)))
     if dist.is_initialized() and dist.get_rank() != 0:
         return []
-    reference = build(family)
+    reference = build(family, overrides)
     reference.load_state_dict(state)
-    ref_loss, ref_grads, ref_params = train(reference, family, range(GLOBAL_BATCH), accum=1)
+    ref_loss, ref_grads, ref_params = train(reference, family, range(GLOBAL_BATCH), accum=1, inputs=inputs)
     results = []
     for case, (loss, grads, params) in runs:
         grad_diff, grad_name = _max_rel(grads, ref_grads)
@@ -126,3 +138,8 @@ def parity(family: str, cases: list[dict]) -> list[dict]:
             "same_names": sorted(grads) == sorted(ref_grads),
         })  # fmt: skip
     return results
+
+
+def parity_jobs(jobs: list[dict]) -> list[list[dict]]:
+    """Several ``parity(**job)`` runs in one launch (one process group), one result list per job."""
+    return [parity(**job) for job in jobs]

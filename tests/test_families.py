@@ -139,7 +139,7 @@ def test_unetr_taps_follow_the_paper_for_depth_12_patch_16():
 def test_sap_output_depends_on_patch_positions_and_sizes():
     model = build_model("sap", "debug", img_size=IMG[2]).eval()
     x = torch.randn(1, 3, *IMG[2])
-    patches, coords, sizes = grid_patches(x, 4)
+    patches, coords, sizes, _ = grid_patches(x, 4)
     base = model(patches, coords, sizes)
     swapped = coords.clone()
     swapped[:, [0, 5]] = coords[:, [5, 0]]

@@ -4,6 +4,7 @@ Importing this package registers the built-in families (each module ends with it
 ``register_family`` call), in the order of ``list_models()``.
 """
 
+from .adaptive import PatchSequence, pad_sequence
 from .registry import FAMILIES, SIZES, FamilySpec, build_model, get_family, list_models, list_sizes, register_family
 from .vit import ViT  # noqa: I001  (import order = registration order = list_models() order)
 from .mae import MAE
@@ -15,7 +16,7 @@ from .patches import patchify, unpatchify
 from .rng import SampleRNG
 
 __all__ = [
-    "DDPMScheduler", "DiffusionViT", "EncoderDecoder", "FAMILIES", "FamilySpec", "MAE", "SAP", "SIZES", "SampleRNG",
-    "UNETR", "ViT", "VisionTransformer", "build_model", "get_family", "grid_patches", "list_models", "list_sizes",
-    "patchify", "register_family", "unpatchify",
+    "DDPMScheduler", "DiffusionViT", "EncoderDecoder", "FAMILIES", "FamilySpec", "MAE", "PatchSequence", "SAP", "SIZES",
+    "SampleRNG", "UNETR", "ViT", "VisionTransformer", "build_model", "get_family", "grid_patches", "list_models",
+    "list_sizes", "pad_sequence", "patchify", "register_family", "unpatchify",
 ]  # fmt: skip

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .adaptive import diffusion_forward, diffusion_loss, is_sequence, model_input
 from .embed import timestep_embed
 from .encoder import EncoderDecoder
 from .patches import unpatchify
@@ -48,6 +49,8 @@ class DiffusionViT(EncoderDecoder):
         *,
         rng: RandomSource = None,
     ) -> torch.Tensor:
+        if self.adaptive_patching or is_sequence(x):  # noise predicted per token, shaped like x.patches
+            return diffusion_forward(self, x, t, variables, rng)
         b = x.shape[0]
         t_freq = timestep_embed(t, self.embed_dim).to(self.time_embed[0].weight.dtype)  # bf16 under mixed precision
         tokens = self.embed(x, variables) + self.time_embed(t_freq).unsqueeze(1)
@@ -137,15 +140,18 @@ class DDPMScheduler:
 
 def _timestep_input(model: DiffusionViT, batch) -> tuple:
     """A clean image and timesteps (``batch["t"]``, else spread over the process for the batch)."""
-    x = batch["image"]
+    x = model_input(model, batch)
     t = batch.get("t")
     if t is None:
-        t = torch.arange(x.shape[0], device=x.device) * 7 % model.time_steps
+        ref = x.patches if is_sequence(x) else x
+        t = torch.arange(ref.shape[0], device=ref.device) * 7 % model.time_steps
     return x, t
 
 
 def _noise_prediction_loss(model: DiffusionViT, batch, rng: RandomSource, ddpm: DDPMScheduler) -> torch.Tensor:
     """MSE of the predicted noise at a random timestep per sample (both drawn from ``rng``)."""
+    if model.adaptive_patching:  # noise added to the patch sequence, loss over valid tokens
+        return diffusion_loss(model, batch, rng, ddpm)
     x = batch["image"]
     t = (rand(rng, (x.shape[0],), x.device) * ddpm.num_steps).long().clamp(max=ddpm.num_steps - 1)
     noise = randn(rng, x.shape, x.device)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .adaptive import AdaptivePosEmbed, embed_sequence, is_sequence, token_layout, with_prefix
 from .embed import (
     AdaptivePatchEmbed,
     PatchEmbed,
@@ -60,7 +61,12 @@ class VisionTransformer(nn.Module):
         variables: names of the input channels the model knows (UCF-VIT's ``default_vars``).
         use_varemb: tokenise each channel separately and merge by variable aggregation.
         single_channel: batches hold one variable at a time (1 channel + its variable embedding).
-        adaptive_patching: input is a fixed-length sequence of resized variable-size patches.
+        adaptive_patching: input is a :class:`~ucfvit.models.adaptive.PatchSequence` of variable-size
+            regions resized to ``patch_size`` (e.g. a quadtree), not an image.
+        fixed_length: tokens per sample ``L`` of adaptive input (checked in forward; shorter
+            sequences are padded and marked by ``valid``). Sets ``num_patches``.
+        use_adaptive_pos_emb: with adaptive_patching, a learned embedding of each region's
+            position and size instead of the fixed sin-cos of centre and log-size.
     """
 
     def __init__(
@@ -84,6 +90,8 @@ class VisionTransformer(nn.Module):
         use_varemb: bool = False,
         single_channel: bool = False,
         adaptive_patching: bool = False,
+        fixed_length: int | None = None,
+        use_adaptive_pos_emb: bool = False,
     ):
         super().__init__()
         if ndim not in (2, 3) and isinstance(img_size, int):
@@ -93,6 +101,13 @@ class VisionTransformer(nn.Module):
         self.patch_size = int(patch_size)
         self.grid = check_patch_grid(self.img_size, self.patch_size)
         self.num_patches = math.prod(self.grid)
+        self.fixed_length, self.use_adaptive_pos_emb = fixed_length, use_adaptive_pos_emb
+        if fixed_length is not None and (fixed_length <= 0 or not adaptive_patching):
+            raise ValueError(f"fixed_length={fixed_length} must be positive and needs adaptive_patching=True")
+        if use_adaptive_pos_emb and not adaptive_patching:
+            raise ValueError("use_adaptive_pos_emb=True embeds adaptive patch positions: it needs adaptive_patching=True")
+        if fixed_length is not None:
+            self.num_patches = fixed_length  # tokens per sample: what FLOP and token counts use
         for name, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)):
             if value <= 0:
                 raise ValueError(f"{name}={value} must be positive")
@@ -104,10 +119,12 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"drop_path_rate={drop_path_rate} must lie in [0, 1)")
         if use_varemb and single_channel:
             raise ValueError("use_varemb and single_channel are exclusive: pick one way of embedding variables")
-        if adaptive_patching and (use_varemb or single_channel or pos_embed == "learned"):
+        if adaptive_patching and (use_varemb or single_channel):
+            raise ValueError("adaptive_patching supports neither use_varemb nor single_channel")
+        if adaptive_patching and pos_embed == "learned":
             raise ValueError(
-                "adaptive_patching supports neither use_varemb/single_channel nor pos_embed='learned' "
-                "(positions are continuous); use pos_embed='sincos' or rope=True"
+                "pos_embed='learned' is a table over the regular patch grid; adaptive positions are continuous: "
+                "use pos_embed='sincos' (fixed), use_adaptive_pos_emb=True (learned) or rope=True"
             )
         self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
         self.drop_path_rate = drop_path_rate
@@ -137,6 +154,8 @@ class VisionTransformer(nn.Module):
             self.var_embed = nn.Parameter(torch.empty(len(self.variables), embed_dim))
         self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim)) if class_token else None
         self._add_pos_embed("pos_embed", embed_dim)
+        if use_adaptive_pos_emb:
+            self.pos_embed_adaptive = AdaptivePosEmbed(self.ndim, embed_dim)
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, backend=attn_backend)
             for _ in range(depth)
@@ -206,7 +225,10 @@ class VisionTransformer(nn.Module):
         return [self.variables.index(v) for v in variables]
 
     def embed(self, x: torch.Tensor, variables: Sequence[str] | None = None) -> torch.Tensor:
-        """Image (B, C, *img_size) -> patch tokens with positions (B, N, D); no prefix token."""
+        """Image (B, C, *img_size), or a PatchSequence for adaptive models -> patch tokens with
+        positions (B, N, D); no prefix token."""
+        if self.adaptive_patching or is_sequence(x):
+            return embed_sequence(self, x, variables)
         if tuple(x.shape[2:]) != self.img_size:
             raise ValueError(f"input spatial shape {tuple(x.shape[2:])} does not match img_size={self.img_size}")
         idx = self.variable_index(variables, x.shape[1])
@@ -257,8 +279,10 @@ class VisionTransformer(nn.Module):
         coords: torch.Tensor | None,
         rng: RandomSource = None,
         taps: Sequence[int] = (),
+        valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Run the blocks on patch tokens (B, N, D) at ``coords`` (B, N, ndim).
+        """Run the blocks on patch tokens (B, N, D) at ``coords`` (B, N, ndim); ``valid`` (B, N)
+        bool marks real tokens (pad tokens are never attended to), None: all.
 
         Returns the normalised output with prefix tokens (B, P+N, D) and the raw outputs of the
         blocks listed in ``taps``, one per entry (for UNETR's skip connections).
@@ -267,8 +291,9 @@ class VisionTransformer(nn.Module):
         rope = self.rope_for(coords, self.embed_dim // self.num_heads)
         scales = self.drop_path_scales(rng, x.shape[0], x.device)
         tapped = {}
+        valid = with_prefix(valid, self.num_prefix_tokens)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope=rope, drop_scale=None if scales is None else scales[i])
+            x = block(x, rope=rope, drop_scale=None if scales is None else scales[i], valid=valid)
             if i in taps:
                 tapped[i] = x
         return self.norm(x), [tapped[i] for i in taps]
@@ -276,9 +301,10 @@ class VisionTransformer(nn.Module):
     def forward_features(
         self, x: torch.Tensor, variables: Sequence[str] | None = None, *, rng: RandomSource = None
     ) -> torch.Tensor:
-        """Image -> normalised tokens (B, P+N, D)."""
+        """Image (or PatchSequence) -> normalised tokens (B, P+N, D)."""
         tokens = self.embed(x, variables)
-        return self.encode(tokens, self.patch_coords(x.shape[0], x.device), rng)[0]
+        coords, valid = token_layout(self, x)
+        return self.encode(tokens, coords, rng, valid=valid)[0]
 
 
 class EncoderDecoder(VisionTransformer):
@@ -329,6 +355,8 @@ class EncoderDecoder(VisionTransformer):
         self.decoder_num_heads = decoder_num_heads
         self.decoder_embed = nn.Linear(self.embed_dim, decoder_embed_dim)
         self._add_pos_embed("decoder_pos_embed", decoder_embed_dim)
+        if self.use_adaptive_pos_emb:
+            self.decoder_pos_embed_adaptive = AdaptivePosEmbed(self.ndim, decoder_embed_dim)
         self.decoder_blocks = nn.ModuleList(
             Block(decoder_embed_dim, decoder_num_heads, mlp_ratio=decoder_mlp_ratio, qkv_bias=qkv_bias, backend=backend)
             for _ in range(decoder_depth)
@@ -341,10 +369,13 @@ class EncoderDecoder(VisionTransformer):
         if not self.linear_decoder:
             self._init_pos_embed("decoder_pos_embed")
 
-    def decode(self, x: torch.Tensor, coords: torch.Tensor | None, pos: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(
+        self, x: torch.Tensor, coords: torch.Tensor | None, pos: torch.Tensor | None = None, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Decoder-width tokens (B, P+N, Dd) -> predictions (B, N, out_dim) with prefix dropped.
 
-        ``pos`` (B or 1, N, Dd) is added to the patch tokens (default: the decoder's own table).
+        ``pos`` (B or 1, N, Dd) is added to the patch tokens (default: the decoder's own table);
+        ``valid`` (B, N) bool excludes pad tokens from attention.
         """
         # Prefix tokens are dropped before the last linear, so the output is a fresh tensor (not a view).
         if self.linear_decoder:
@@ -354,6 +385,7 @@ class EncoderDecoder(VisionTransformer):
             p = self.num_prefix_tokens
             x = torch.cat([x[:, :p], x[:, p:] + pos.to(x.dtype)], dim=1)
         rope = self.rope_for(coords, x.shape[-1] // self.decoder_num_heads)
+        valid = with_prefix(valid, self.num_prefix_tokens)
         for block in self.decoder_blocks:
-            x = block(x, rope=rope)
+            x = block(x, rope=rope, valid=valid)
         return self.decoder_pred(self.decoder_norm(x)[:, self.num_prefix_tokens :])

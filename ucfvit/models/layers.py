@@ -31,17 +31,29 @@ def _check_backend(backend: str) -> None:
             ) from err
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
-    """Softmax attention of ``q, k, v`` shaped (B, heads, N, head_dim) -> (B, heads, N, head_dim)."""
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa", valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Softmax attention of ``q, k, v`` shaped (B, heads, N, head_dim) -> (B, heads, N, head_dim).
+
+    ``valid`` (B, M) bool marks the keys that may be attended to (False: pad tokens); None: all.
+    """
     if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if valid is None else valid[:, None, None, :])
     if backend == "math":
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+        if valid is not None:
+            scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
         return scores.softmax(dim=-1) @ v
     if backend == "xformers":
         import xformers.ops as xops
 
-        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        bias = None
+        if valid is not None:  # additive bias (B, heads, N, M), allocated with M padded to 8 as xformers wants
+            b, h, n, m = *q.shape[:3], k.shape[2]
+            bias = q.new_zeros(b, h, n, (m + 7) // 8 * 8)[..., :m]
+            bias.masked_fill_(~valid[:, None, None, :], float("-inf"))
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
         return out.transpose(1, 2)
     raise ValueError(f"attn_backend={backend!r} is unknown; choose one of {ATTN_BACKENDS}")
 
@@ -84,8 +96,10 @@ class Attention(nn.Module):
         x: torch.Tensor,
         context: torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Attend from ``x`` (B, N, D) to ``context`` (B, M, D), or to ``x`` itself."""
+        """Attend from ``x`` (B, N, D) to ``context`` (B, M, D), or to ``x`` itself; ``valid``
+        (B, M) bool excludes pad keys (see :func:`attention`)."""
         kv = x if context is None else context
         b, n = x.shape[:2]
         q = self.q(x).view(b, n, -1, self.head_dim).transpose(1, 2)  # (B, h, N, hd)
@@ -93,7 +107,7 @@ class Attention(nn.Module):
         v = self.v(kv).view(b, kv.shape[1], -1, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        out = attention(q, k, v, self.backend)  # (B, h, N, hd)
+        out = attention(q, k, v, self.backend, valid)  # (B, h, N, hd)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -122,7 +136,8 @@ class Block(nn.Module):
 
     Randomness is an input (``drop_scale`` of shape (2, B), one row per residual branch), drawn
     by the model outside the block, so activation checkpointing and compile can replay the block
-    exactly.
+    exactly. So is the pad mask (``valid`` (B, N) bool, None: no padding), so it reaches attention
+    unchanged under tensor/sequence parallelism, checkpointing and compile.
     """
 
     def __init__(
@@ -139,8 +154,9 @@ class Block(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         drop_scale: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         s_attn, s_mlp = (None, None) if drop_scale is None else (drop_scale[0], drop_scale[1])
-        x = x + drop_path(self.attn(self.norm1(x), rope=rope), s_attn)
+        x = x + drop_path(self.attn(self.norm1(x), rope=rope, valid=valid), s_attn)
         x = x + drop_path(self.mlp(self.norm2(x)), s_mlp)
         return x

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .adaptive import is_sequence, mae_forward, model_input, sequence_target
 from .encoder import EncoderDecoder
 from .patches import patchify, unpatchify
 from .registry import FamilySpec, register_family
@@ -60,6 +61,8 @@ class MAE(EncoderDecoder):
     def forward(
         self, x: torch.Tensor, variables: Sequence[str] | None = None, *, rng: RandomSource = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.adaptive_patching or is_sequence(x):  # masking among the valid patches of a PatchSequence
+            return mae_forward(self, x, variables, rng)
         b = x.shape[0]
         tokens = self.embed(x, variables)
         ids_keep, ids_restore, mask = self.random_masking(b, x.device, rng)
@@ -94,8 +97,9 @@ class MAE(EncoderDecoder):
         return unpatchify(tokens, self.patch_size, self.img_size)
 
     def loss(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """MSE on masked patches: per-sample mean over masked patches, then mean over samples."""
-        target = self.patchify(x)
+        """MSE on masked patches: per-sample mean over masked patches, then mean over samples.
+        ``x``: the input (images, or the PatchSequence whose patches are the targets)."""
+        target = sequence_target(x) if is_sequence(x) else self.patchify(x)
         if self.norm_pix_loss:
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1e-6).sqrt()
@@ -105,7 +109,7 @@ class MAE(EncoderDecoder):
 
 
 def _reconstruction_loss(model: MAE, batch, rng: RandomSource, extra) -> torch.Tensor:
-    x = batch["image"]
+    x = model_input(model, batch)
     pred, mask = model(x, rng=rng)
     return model.loss(x, pred.float(), mask)
 

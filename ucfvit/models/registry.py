@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adaptive import model_input
+
 __all__ = [
     "FAMILIES", "SIZES", "FamilySpec", "build_model", "get_family", "image_input", "list_models", "list_sizes",
     "model_arguments", "register_family",
@@ -47,8 +49,9 @@ Batch = Mapping[str, torch.Tensor]
 
 
 def image_input(model: nn.Module, batch: Batch) -> tuple:
-    """The default way a batch becomes model input: the image alone."""
-    return (batch["image"],)
+    """The default way a batch becomes model input: the image alone (for a model built with
+    ``adaptive_patching=True``, the batch's PatchSequence, see ``adaptive.batch_sequence``)."""
+    return (model_input(model, batch),)
 
 
 @dataclass(frozen=True)

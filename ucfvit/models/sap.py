@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from .embed import sincos_embed
+from .adaptive import PatchSequence, batch_sequence, decoder_positions, grid_patches, is_sequence, paste, token_layout
 from .encoder import EncoderDecoder
 from .losses import segmentation_loss
 from .registry import FamilySpec, register_family
@@ -23,31 +22,14 @@ from .rng import RandomSource
 __all__ = ["SAP", "grid_patches"]
 
 
-def grid_patches(x: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Regular-grid tokenisation in SAP's input format (every region of side ``patch_size``).
-
-    Returns ``patches`` (B, L, C, *[patch_size]*ndim), ``coords`` (B, L, ndim) top-left corners in
-    pixels, ``sizes`` (B, L) region sides in pixels.
-    """
-    b, c, *spatial = x.shape
-    ndim, p = len(spatial), patch_size
-    grid = [s // p for s in spatial]
-    # (B, C, g0, p, g1, p[, g2, p]) -> (B, g0, g1[, g2], C, p, p[, p])
-    split = x.reshape(b, c, *[v for g in grid for v in (g, p)])
-    order = [0, *range(2, 2 + 2 * ndim, 2), 1, *range(3, 3 + 2 * ndim, 2)]
-    patches = split.permute(order).reshape(b, -1, c, *([p] * ndim))
-    axes = [torch.arange(g, device=x.device) * p for g in grid]
-    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(1, -1, ndim).expand(b, -1, -1)
-    sizes = torch.full(coords.shape[:2], p, device=x.device, dtype=torch.long)
-    return patches, coords, sizes
-
-
 class SAP(EncoderDecoder):
-    """Adaptive-patch segmentation: (patches, coords, sizes) -> logits (B, num_classes, *img_size).
+    """Adaptive-patch segmentation: a :class:`~ucfvit.models.adaptive.PatchSequence` (or the
+    tensors ``patches, coords, sizes``) -> logits (B, num_classes, *img_size). Pad tokens
+    (``valid`` False) are not attended to and not pasted.
 
     Args:
         num_classes: classes per pixel.
-        fixed_length: expected sequence length ``L`` (checked in forward when set).
+        fixed_length: tokens per sample ``L`` (checked in forward when set; pad shorter sequences).
         decoder_*, linear_decoder: the token decoder, see :class:`~ucfvit.models.encoder.EncoderDecoder`.
         **encoder_kwargs: see :class:`~ucfvit.models.encoder.VisionTransformer`;
             ``img_size`` is the size of the dense output.
@@ -56,83 +38,48 @@ class SAP(EncoderDecoder):
     def __init__(self, *, num_classes: int = 2, fixed_length: int | None = None, **kwargs):
         if num_classes <= 0:
             raise ValueError(f"num_classes={num_classes} must be positive")
-        if fixed_length is not None and fixed_length <= 0:
-            raise ValueError(f"fixed_length={fixed_length} must be positive")
         kwargs.setdefault("class_token", False)
         kwargs["adaptive_patching"] = True
-        super().__init__(out_chans=num_classes, **kwargs)
-        self.num_classes, self.fixed_length = num_classes, fixed_length
-
-    def _position(self, coords: torch.Tensor, sizes: torch.Tensor, dim: int) -> torch.Tensor:
-        """Sin-cos embedding of region centres (in patch units) plus of log2(size / patch_size)."""
-        centres = (coords.float() + sizes.unsqueeze(-1).float() / 2) / self.patch_size - 0.5
-        scale = torch.log2(sizes.float() / self.patch_size).unsqueeze(-1)
-        return sincos_embed(centres, dim) + sincos_embed(scale, dim)
+        super().__init__(out_chans=num_classes, fixed_length=fixed_length, **kwargs)
+        self.num_classes = num_classes
 
     def forward(
         self,
-        patches: torch.Tensor,
-        coords: torch.Tensor,
-        sizes: torch.Tensor,
+        patches: PatchSequence | torch.Tensor,
+        coords: torch.Tensor | None = None,
+        sizes: torch.Tensor | None = None,
         variables: Sequence[str] | None = None,
         *,
         rng: RandomSource = None,
     ) -> torch.Tensor:
-        b, length = patches.shape[:2]
-        if self.fixed_length is not None and length != self.fixed_length:
-            raise ValueError(f"got {length} patches per image, the model was built with fixed_length={self.fixed_length}")
-        if tuple(patches.shape[3:]) != (self.patch_size,) * self.ndim:
-            raise ValueError(
-                f"patches of shape {tuple(patches.shape[3:])} must be resized to patch_size={self.patch_size}"
-            )
-        self.variable_index(variables, patches.shape[2])
-        tokens = self.patch_embed(patches)
-        if self.pos_embed_kind == "sincos":
-            tokens = tokens + self._position(coords, sizes, self.embed_dim).to(tokens.dtype)
-        centres = (coords.float() + sizes.unsqueeze(-1).float() / 2) / self.patch_size
-        latent, _ = self.encode(tokens, centres, rng)
+        if is_sequence(patches) and (coords is not None or sizes is not None):
+            raise TypeError("SAP(PatchSequence) takes no coords/sizes; pass variables= by keyword")
+        seq = patches if is_sequence(patches) or coords is None else PatchSequence(patches, coords, sizes)
+        tokens = self.embed(seq, variables)
+        centres, valid = token_layout(self, seq)
+        latent, _ = self.encode(tokens, centres, rng, valid=valid)
         if self.linear_decoder:
-            pred = self.decode(latent, centres)
+            pred = self.decode(latent, centres, valid=valid)
         else:
             y = self.decoder_embed(latent)
-            pos = self._position(coords, sizes, y.shape[-1]) if self.pos_embed_kind == "sincos" else None
-            pred = self.decode(y, centres, pos=pos)
-        return self.paste(pred, coords, sizes)
+            pred = self.decode(y, centres, pos=decoder_positions(self, seq, y.shape[-1]), valid=valid)
+        return self.paste(pred, seq.coords, seq.sizes, valid)
 
-    def paste(self, pred: torch.Tensor, coords: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    def paste(
+        self, pred: torch.Tensor, coords: torch.Tensor, sizes: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Per-patch predictions (B, L, patch_size**ndim * K) -> dense (B, K, *img_size).
 
         Each patch's K x patch_size**ndim prediction is resized (bi/trilinear) to its region's side
-        and written at its corner. Regions must tile the image without overlap.
+        and written at its corner; pad tokens (``valid`` False) are skipped. Regions must tile the
+        image without overlap (see :func:`ucfvit.models.adaptive.paste`).
         """
-        b, length = pred.shape[:2]
-        k, p, nd = self.num_classes, self.patch_size, self.ndim
-        # patchify layout is (p, p[, p], K): move K first for interpolation.
-        per_patch = pred.reshape(b * length, *([p] * nd), k).movedim(-1, 1)
-        flat_coords, flat_sizes = coords.reshape(-1, nd), sizes.reshape(-1)
-        batch_of = torch.arange(b, device=pred.device).repeat_interleave(length)
-        strides = [1] * nd
-        for a in range(nd - 2, -1, -1):
-            strides[a] = strides[a + 1] * self.img_size[a + 1]
-        strides_t = torch.tensor(strides, device=pred.device)
-        pixels = torch.tensor(self.img_size, device=pred.device).prod()
-        out = pred.new_zeros(b * int(pixels), k)
-        mode = "bilinear" if nd == 2 else "trilinear"
-        for side in torch.unique(flat_sizes).tolist():  # one resize per region size (a few quadtree levels)
-            sel = (flat_sizes == side).nonzero().squeeze(1)
-            values = F.interpolate(per_patch[sel], size=(side,) * nd, mode=mode, align_corners=False)
-            offsets = torch.stack(
-                torch.meshgrid(*[torch.arange(side, device=pred.device)] * nd, indexing="ij"), -1
-            ).reshape(-1, nd)  # (side**nd, nd)
-            pix = flat_coords[sel].unsqueeze(1) + offsets  # (M, side**nd, nd)
-            index = batch_of[sel].unsqueeze(1) * pixels + (pix * strides_t).sum(-1)
-            out = out.index_put((index.reshape(-1),), values.flatten(2).transpose(1, 2).reshape(-1, k))
-        return out.view(b, *self.img_size, k).movedim(-1, 1)
+        return paste(pred, coords, sizes, self.img_size, self.patch_size, valid)
 
 
 def _patch_input(model: SAP, batch) -> tuple:
-    """Images become SAP's (patches, coords, sizes) on a regular grid."""
-    return grid_patches(batch["image"], model.patch_size)
+    """The batch's patch sequence, or images on a regular grid (see ``adaptive.batch_sequence``)."""
+    return (batch_sequence(model, batch),)
 
 
 def _segmentation_loss(model: SAP, batch, rng: RandomSource, extra) -> torch.Tensor:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .adaptive import is_sequence, model_input, unetr_forward
 from .encoder import VisionTransformer
 from .losses import segmentation_loss
 from .patches import unpatchify
@@ -122,6 +123,8 @@ class UNETR(VisionTransformer):
     def forward(
         self, x: torch.Tensor, variables: Sequence[str] | None = None, *, rng: RandomSource = None
     ) -> torch.Tensor:
+        if self.adaptive_patching or is_sequence(x):  # tokens painted over their regions' grid cells
+            return unetr_forward(self, x, variables, rng)
         b = x.shape[0]
         tokens = self.embed(x, variables)
         out, tapped = self.encode(tokens, self.patch_coords(b, x.device), rng, taps=self.taps)
@@ -140,7 +143,7 @@ class UNETR(VisionTransformer):
 
 
 def _segmentation_loss(model: UNETR, batch, rng: RandomSource, extra) -> torch.Tensor:
-    return segmentation_loss(model(batch["image"], rng=rng), batch["seg"])
+    return segmentation_loss(model(model_input(model, batch), rng=rng), batch["seg"])
 
 
 register_family(FamilySpec("unetr", UNETR, loss=_segmentation_loss, recipe={"arch.num_classes": 3}))
