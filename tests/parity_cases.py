@@ -3,6 +3,8 @@ that sees the whole global batch (same state dict, same samples, same masks and 
 
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -15,12 +17,13 @@ GLOBAL_BATCH, STEPS, SEED = 8, 3, 1234
 IMG = (16, 16)
 
 
-def build(family: str) -> torch.nn.Module:
+def build(family: str, overrides: dict | None = None) -> torch.nn.Module:
     kwargs = dict(img_size=IMG, drop_path_rate=0.1)
     if family in ("vit", "unetr", "sap"):
         kwargs["num_classes"] = 3
     if family == "unetr":
         kwargs["patch_size"] = 4
+    kwargs.update(overrides or {})
     torch.manual_seed(0)
     return build_model(family, "debug", **kwargs)
 
@@ -104,15 +107,20 @@ def _max_abs(a: dict, b: dict) -> tuple[float, str]:
 
 
 def parity(family: str, cases: list[dict]) -> list[dict]:
-    """Run each case ``{"mesh", "sp", "ac", "bf16", "accum"}``; on rank 0, report its deviations
-    from the reference (other ranks return an empty list)."""
+    """Run each case ``{"mesh", "sp", "ac", "bf16", "accum", "compile", "model"}`` (``model``: keyword
+    overrides of the model); on rank 0, report its deviations from the reference built with the
+    same overrides (other ranks return an empty list)."""
     torch.set_num_threads(1)
-    state = {k: v.clone() for k, v in build(family).state_dict().items()}
+    states: dict[str, dict] = {}
     runs = []
     for case in cases:
+        overrides = case.get("model", {})
+        key = json.dumps(overrides, sort_keys=True)
+        if key not in states:
+            states[key] = {k: v.clone() for k, v in build(family, overrides).state_dict().items()}
         mesh = make_mesh(case["mesh"])
-        model = build(family)
-        model.load_state_dict(state)
+        model = build(family, overrides)
+        model.load_state_dict(states[key])
         parallelize(
             model, mesh,
             sequence_parallel=case.get("sp", False),
@@ -124,11 +132,14 @@ def parity(family: str, cases: list[dict]) -> list[dict]:
         runs.append((case, train(model, family, rows, case.get("accum", 1), mesh)))
     if dist.is_initialized() and dist.get_rank() != 0:
         return []
-    reference = build(family)
-    reference.load_state_dict(state)
-    ref_loss, ref_grads, ref_params = train(reference, family, range(GLOBAL_BATCH), accum=1)
+    references = {}
+    for key, state in states.items():
+        reference = build(family, json.loads(key))
+        reference.load_state_dict(state)
+        references[key] = train(reference, family, range(GLOBAL_BATCH), accum=1)
     results = []
     for case, (loss, grads, params) in runs:
+        ref_loss, ref_grads, ref_params = references[json.dumps(case.get("model", {}), sort_keys=True)]
         grad_diff, grad_name = _max_rel(grads, ref_grads)
         param_diff, param_name = _max_abs(params, ref_params)
         results.append({
@@ -137,3 +148,8 @@ def parity(family: str, cases: list[dict]) -> list[dict]:
             "same_names": sorted(grads) == sorted(ref_grads),
         })  # fmt: skip
     return results
+
+
+def parity_families(jobs: list[list]) -> list[list[dict]]:
+    """:func:`parity` for several ``[family, cases]`` jobs in one launch (one result list per job)."""
+    return [parity(family, cases) for family, cases in jobs]

@@ -29,6 +29,11 @@ def grid_patches(x: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.
     """
     b, c, *spatial = x.shape
     ndim, p = len(spatial), patch_size
+    if p <= 0 or any(s % p for s in spatial):
+        raise ValueError(
+            f"grid_patches: image of spatial shape {tuple(spatial)} is not divisible by patch_size={p}; "
+            f"crop or pad it to e.g. {tuple(max(s // p, 1) * p for s in spatial) if p > 0 else spatial}"
+        )
     grid = [s // p for s in spatial]
     # (B, C, g0, p, g1, p[, g2, p]) -> (B, g0, g1[, g2], C, p, p[, p])
     split = x.reshape(b, c, *[v for g in grid for v in (g, p)])
@@ -48,7 +53,11 @@ class SAP(EncoderDecoder):
         fixed_length: expected sequence length ``L`` (checked in forward when set).
         decoder_*, linear_decoder: the token decoder, see :class:`~ucfvit.models.encoder.EncoderDecoder`.
         **encoder_kwargs: see :class:`~ucfvit.models.encoder.VisionTransformer`;
-            ``img_size`` is the size of the dense output.
+            ``img_size`` is the size of the dense output. Positions are continuous, so
+            ``pos_embed`` is ``"sincos"`` (of region centres and sizes) or ``"none"`` (e.g. with
+            ``rope=True``); ``use_varemb`` embeds each channel of a patch with its variable's
+            weights and aggregates, ``single_channel`` takes one-channel patches plus the
+            variable's embedding.
     """
 
     def __init__(self, *, num_classes: int = 2, fixed_length: int | None = None, **kwargs):
@@ -83,8 +92,7 @@ class SAP(EncoderDecoder):
             raise ValueError(
                 f"patches of shape {tuple(patches.shape[3:])} must be resized to patch_size={self.patch_size}"
             )
-        self.variable_index(variables, patches.shape[2])
-        tokens = self.patch_embed(patches)
+        tokens = self.embed_channels(patches, variables)
         if self.pos_embed_kind == "sincos":
             tokens = tokens + self._position(coords, sizes, self.embed_dim).to(tokens.dtype)
         centres = (coords.float() + sizes.unsqueeze(-1).float() / 2) / self.patch_size
