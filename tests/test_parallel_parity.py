@@ -66,6 +66,7 @@ OPTIONS = {
 }
 OPTION_CASES = {
     1: [{"mesh": "1x1x1"}],
+    2: [{"mesh": "1x1x2", "sp": True, "ac": "selective", "compile": "aot_eager"}],
     8: [{"mesh": "2x2x2"}, {"mesh": "2x2x2", "sp": True}],
 }
 

@@ -88,7 +88,8 @@ class Attention(nn.Module):
 
     The head count is never stored: the projections' output size fixes it, so the module works
     unchanged when a tensor-parallel plan leaves a rank with a slice of the heads.
-    ``qk_norm`` adds a LayerNorm over ``head_dim`` on q and k of every head (``q_norm``, ``k_norm``).
+    ``qk_norm`` adds a LayerNorm over ``head_dim`` on q and k of every head (``q_norm``, ``k_norm``;
+    the latter without bias, which softmax would cancel).
     """
 
     def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, qk_norm: bool = False, backend: str = "sdpa"):
@@ -104,7 +105,8 @@ class Attention(nn.Module):
         self.k = nn.Linear(dim, dim, bias=False)
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
         self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        # No k_norm bias either: it adds q.b to every score of a query, which softmax cancels.
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6, bias=False) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(
@@ -122,10 +124,11 @@ class Attention(nn.Module):
         """
         kv = x if context is None else context
         b, n = x.shape[:2]
-        q = self.q(x).view(b, n, -1, self.head_dim).transpose(1, 2)  # (B, h, N, hd)
-        k = self.k(kv).view(b, kv.shape[1], -1, self.head_dim).transpose(1, 2)
+        # q/k norms act on (B, N, h, hd) before the transpose: the same values as timm's norm of
+        # (B, h, N, hd), on the contiguous projection output.
+        q = self.q_norm(self.q(x).view(b, n, -1, self.head_dim)).transpose(1, 2)  # (B, h, N, hd)
+        k = self.k_norm(self.k(kv).view(b, kv.shape[1], -1, self.head_dim)).transpose(1, 2)
         v = self.v(kv).view(b, kv.shape[1], -1, self.head_dim).transpose(1, 2)
-        q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         out = attention(q, k, v, self.backend, _local(prob_scale, 1, head_offset, q.shape[1]))  # (B, h, N, hd)

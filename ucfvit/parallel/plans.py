@@ -138,9 +138,9 @@ def block_tp_plan(
     """Megatron plan for the blocks matched by ``prefix`` (e.g. ``"blocks.*"``); ``qk_norm`` and
     ``layer_scale`` say whether those blocks have ``attn.q_norm``/``attn.k_norm`` and ``ls1``/``ls2``."""
     heads, hidden = ShardOffset("head_offset", _heads), ShardOffset("hidden_offset", _hidden)
-    # q/k norms see the rank's heads: dim 1 of (B, heads, N, head_dim) is the sharded one, so the
-    # norm weights stay replicated and their gradients are summed over tp.
-    head_norms = SequenceParallel(sequence_dim=1, use_local_output=True)
+    # q/k norms see the rank's heads: dim 2 of their input (B, N, heads, head_dim) is the sharded
+    # one, so the norm weights stay replicated and their gradients are summed over tp.
+    head_norms = SequenceParallel(sequence_dim=2, use_local_output=True)
     extra = {f"{prefix}.attn.q_norm": head_norms, f"{prefix}.attn.k_norm": head_norms} if qk_norm else {}
     if not sequence_parallel:
         return {
