@@ -15,7 +15,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 def meta_init_options(mesh_spec: str) -> dict:
     """learned_sincos tables, LayerScale gammas and qk norms initialised on sharded parameters."""
-    kwargs = dict(img_size=(16, 16), pos_embed="learned_sincos", init_values=0.25, qk_norm=True)
+    kwargs = {"img_size": (16, 16), "pos_embed": "learned_sincos", "init_values": 0.25, "qk_norm": True}
     with torch.device("meta"):
         model = build_model("mae", "debug", **kwargs)
     parallelize(model, make_mesh(mesh_spec))

@@ -8,15 +8,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import FAMILIES, IMG, make_inputs, output_tensor
 from distributed import run_ranks
+
 from ucfvit.models import DDPMScheduler, build_model, grid_patches
 from ucfvit.models.convert import timm_vit_state_dict
 from ucfvit.models.embed import resize_pos_embed
 
-OFF = dict(qk_norm=False, init_values=None, attn_drop_rate=0.0, proj_drop_rate=0.0, pos_drop_rate=0.0)
-ON = dict(qk_norm=True, init_values=0.1, attn_drop_rate=0.2, proj_drop_rate=0.2, pos_drop_rate=0.2)
+OFF = {"qk_norm": False, "init_values": None, "attn_drop_rate": 0.0, "proj_drop_rate": 0.0, "pos_drop_rate": 0.0}
+ON = {"qk_norm": True, "init_values": 0.1, "attn_drop_rate": 0.2, "proj_drop_rate": 0.2, "pos_drop_rate": 0.2}
 
 
 def _run(model, x, seed=0):
@@ -37,7 +37,8 @@ def _pair(name, **kwargs):
 # ---------------------------------------------------------------- defaults change nothing
 @pytest.mark.parametrize("name", FAMILIES)
 def test_defaults_equal_every_option_explicitly_off(name):
-    off = dict(OFF, **(dict(global_pool="token", fc_norm=False, patch_drop_rate=0.0) if name == "vit" else {}))
+    vit_off = {"global_pool": "token", "fc_norm": False, "patch_drop_rate": 0.0}
+    off = {**OFF, **(vit_off if name == "vit" else {})}
     base, explicit = _pair(name, **off)
     assert base.state_dict().keys() == explicit.state_dict().keys()
     for (n, a), (_, b) in zip(base.state_dict().items(), explicit.state_dict().items()):
@@ -114,11 +115,11 @@ def test_avg_pooling_with_fc_norm_and_without():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(class_token=False, global_pool="token"), "global_pool='token' needs class_token=True"),
-        (dict(global_pool="max"), "global_pool='max' is unknown"),
-        (dict(attn_drop_rate=1.0), r"attn_drop_rate=1.0 must lie in \[0, 1\)"),
-        (dict(patch_drop_rate=-0.1), "patch_drop_rate"),
-        (dict(pos_embed="learn"), "pos_embed='learn' is unknown.*learned_sincos"),
+        ({"class_token": False, "global_pool": "token"}, "global_pool='token' needs class_token=True"),
+        ({"global_pool": "max"}, "global_pool='max' is unknown"),
+        ({"attn_drop_rate": 1.0}, r"attn_drop_rate=1.0 must lie in \[0, 1\)"),
+        ({"patch_drop_rate": -0.1}, "patch_drop_rate"),
+        ({"pos_embed": "learn"}, "pos_embed='learn' is unknown.*learned_sincos"),
     ],
 )
 def test_bad_option_values_raise(kwargs, match):
@@ -152,7 +153,7 @@ def ucfvit_3d_table(dim: int, gh: int, gw: int, gd: int) -> torch.Tensor:
 
 
 def test_2d_sincos_tables_equal_mae_and_3d_equal_ucfvit():
-    kw = dict(patch_size=4, embed_dim=48, num_heads=8, decoder_embed_dim=48, decoder_num_heads=8)
+    kw = {"patch_size": 4, "embed_dim": 48, "num_heads": 8, "decoder_embed_dim": 48, "decoder_num_heads": 8}
     mae = build_model("mae", "debug", img_size=(12, 20), **kw)  # 3 x 5 patches: rows and columns differ
     ref = mae_2d_table(48, 3, 5)
     assert ref[0].abs().max() == 0  # MAE's class slot is zero; ucfvit's table has no class row
@@ -212,12 +213,29 @@ def test_no_weight_decay_names_norms_biases_tokens_and_embeddings():
     params = dict(model.named_parameters())
     names = model.no_weight_decay()
     assert names <= params.keys()
-    expected = {"cls_token", "mask_token", "pos_embed", "decoder_pos_embed", "patch_embed.proj.bias",
-                "blocks.0.norm1.weight", "blocks.0.attn.q.bias", "blocks.0.attn.q_norm.weight", "blocks.0.ls1.gamma",
-                "blocks.1.mlp.fc2.bias", "norm.bias", "decoder_blocks.0.attn.proj.bias", "decoder_pred.bias"}
+    expected = {
+        "cls_token",
+        "mask_token",
+        "pos_embed",
+        "decoder_pos_embed",
+        "patch_embed.proj.bias",
+        "blocks.0.norm1.weight",
+        "blocks.0.attn.q.bias",
+        "blocks.0.attn.q_norm.weight",
+        "blocks.0.ls1.gamma",
+        "blocks.1.mlp.fc2.bias",
+        "norm.bias",
+        "decoder_blocks.0.attn.proj.bias",
+        "decoder_pred.bias",
+    }
     assert expected <= names
     decayed = params.keys() - names
-    assert {"patch_embed.proj.weight", "blocks.0.attn.q.weight", "blocks.0.mlp.fc1.weight", "decoder_pred.weight"} <= decayed
+    assert {
+        "patch_embed.proj.weight",
+        "blocks.0.attn.q.weight",
+        "blocks.0.mlp.fc1.weight",
+        "decoder_pred.weight",
+    } <= decayed
     assert all(params[n].ndim >= 2 and not n.endswith("bias") for n in decayed)
     varemb = build_model("vit", "debug", img_size=IMG[2], variables=["a", "b"], use_varemb=True)
     assert {"var_embed", "var_agg.query", "patch_embed.bias", "head.bias"} <= varemb.no_weight_decay()
@@ -244,8 +262,13 @@ def test_meta_init_of_new_options_under_parallelize():
 def timm_vit_forward(state: dict, x: torch.Tensor, depth: int, heads: int, patch: int) -> torch.Tensor:
     """timm's VisionTransformer forward (global_pool='avg', fc_norm, class token, pos_embed with a
     class slot, fused qkv, optional qk_norm / LayerScale) in eval mode, written from its definition."""
-    ln = lambda t, p: F.layer_norm(t, t.shape[-1:], state[p + ".weight"], state[p + ".bias"], eps=1e-6)  # noqa: E731
-    lin = lambda t, p: F.linear(t, state[p + ".weight"], state.get(p + ".bias"))  # noqa: E731
+
+    def ln(t, p):
+        return F.layer_norm(t, t.shape[-1:], state[p + ".weight"], state.get(p + ".bias"), eps=1e-6)
+
+    def lin(t, p):
+        return F.linear(t, state[p + ".weight"], state.get(p + ".bias"))
+
     x = F.conv2d(x, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"], stride=patch)
     x = x.flatten(2).transpose(1, 2)
     b, n, d = x.shape
@@ -267,20 +290,41 @@ def timm_vit_forward(state: dict, x: torch.Tensor, depth: int, heads: int, patch
 def test_timm_avg_pool_vit_converts_to_equal_logits(qk_norm_and_ls):
     d, depth, heads, patch, grid, classes = 64, 2, 4, 4, 4, 7
     g = torch.Generator().manual_seed(0)
-    shapes = {"patch_embed.proj.weight": (d, 3, patch, patch), "patch_embed.proj.bias": (d,), "cls_token": (1, 1, d),
-              "pos_embed": (1, 1 + grid * grid, d), "fc_norm.weight": (d,), "fc_norm.bias": (d,),
-              "head.weight": (classes, d), "head.bias": (classes,)}
+    shapes = {
+        "patch_embed.proj.weight": (d, 3, patch, patch),
+        "patch_embed.proj.bias": (d,),
+        "cls_token": (1, 1, d),
+        "pos_embed": (1, 1 + grid * grid, d),
+        "fc_norm.weight": (d,),
+        "fc_norm.bias": (d,),
+        "head.weight": (classes, d),
+        "head.bias": (classes,),
+    }
     for i in range(depth):
         p = f"blocks.{i}"
-        shapes.update({f"{p}.norm1.weight": (d,), f"{p}.norm1.bias": (d,), f"{p}.attn.qkv.weight": (3 * d, d),
-                       f"{p}.attn.qkv.bias": (3 * d,), f"{p}.attn.proj.weight": (d, d), f"{p}.attn.proj.bias": (d,),
-                       f"{p}.norm2.weight": (d,), f"{p}.norm2.bias": (d,), f"{p}.mlp.fc1.weight": (4 * d, d),
-                       f"{p}.mlp.fc1.bias": (4 * d,), f"{p}.mlp.fc2.weight": (d, 4 * d), f"{p}.mlp.fc2.bias": (d,)})
+        shapes.update(
+            {
+                f"{p}.norm1.weight": (d,),
+                f"{p}.norm1.bias": (d,),
+                f"{p}.attn.qkv.weight": (3 * d, d),
+                f"{p}.attn.qkv.bias": (3 * d,),
+                f"{p}.attn.proj.weight": (d, d),
+                f"{p}.attn.proj.bias": (d,),
+                f"{p}.norm2.weight": (d,),
+                f"{p}.norm2.bias": (d,),
+                f"{p}.mlp.fc1.weight": (4 * d, d),
+                f"{p}.mlp.fc1.bias": (4 * d,),
+                f"{p}.mlp.fc2.weight": (d, 4 * d),
+                f"{p}.mlp.fc2.bias": (d,),
+            }
+        )
         if qk_norm_and_ls:
             shapes.update({f"{p}.attn.{n}_norm.{w}": (d // heads,) for n in "qk" for w in ("weight", "bias")})
             shapes.update({f"{p}.ls1.gamma": (d,), f"{p}.ls2.gamma": (d,)})
-    state = {k: torch.randn(s, generator=g) * (0.5 if len(s) > 1 else 0.2) + (1.0 if "norm" in k and "weight" in k else 0)
-             for k, s in shapes.items()}
+    state = {
+        k: torch.randn(s, generator=g) * (0.5 if len(s) > 1 else 0.2) + (1.0 if "norm" in k and "weight" in k else 0)
+        for k, s in shapes.items()
+    }
     if qk_norm_and_ls:
         for i in range(depth):  # a key bias would pass through k_norm: timm qk_norm models have none here
             state[f"blocks.{i}.attn.qkv.bias"][d : 2 * d] = 0
