@@ -8,6 +8,7 @@ that sees the whole global batch (same state dict, same samples, same masks and 
 from __future__ import annotations
 
 import importlib
+import json
 
 import torch
 import torch.distributed as dist
@@ -105,15 +106,20 @@ def _max_abs(a: dict, b: dict) -> tuple[float, str]:
 
 
 def parity(family: str, cases: list[dict], overrides: dict | None = None, inputs: str | None = None) -> list[dict]:
-    """Run each case ``{"mesh", "sp", "ac", "bf16", "accum"}``; on rank 0, report its deviations
-    from the reference (other ranks return an empty list)."""
+    """Run each case ``{"mesh", "sp", "ac", "bf16", "accum", "compile", "model"}`` (``model``: keyword
+    overrides of the model, over ``overrides``); on rank 0, report its deviations from the reference
+    built with the same overrides (other ranks return an empty list)."""
     torch.set_num_threads(1)
-    state = {k: v.clone() for k, v in build(family, overrides).state_dict().items()}
+    states: dict[str, dict] = {}
     runs = []
     for case in cases:
+        case_overrides = {**(overrides or {}), **case.get("model", {})}
+        key = json.dumps(case_overrides, sort_keys=True)
+        if key not in states:
+            states[key] = {k: v.clone() for k, v in build(family, case_overrides).state_dict().items()}
         mesh = make_mesh(case["mesh"])
-        model = build(family, overrides)
-        model.load_state_dict(state)
+        model = build(family, case_overrides)
+        model.load_state_dict(states[key])
         parallelize(
             model, mesh,
             sequence_parallel=case.get("sp", False),
@@ -125,11 +131,14 @@ def parity(family: str, cases: list[dict], overrides: dict | None = None, inputs
         runs.append((case, train(model, family, rows, case.get("accum", 1), mesh, inputs)))
     if dist.is_initialized() and dist.get_rank() != 0:
         return []
-    reference = build(family, overrides)
-    reference.load_state_dict(state)
-    ref_loss, ref_grads, ref_params = train(reference, family, range(GLOBAL_BATCH), accum=1, inputs=inputs)
+    references = {}
+    for key, state in states.items():
+        reference = build(family, json.loads(key))
+        reference.load_state_dict(state)
+        references[key] = train(reference, family, range(GLOBAL_BATCH), accum=1, inputs=inputs)
     results = []
     for case, (loss, grads, params) in runs:
+        ref_loss, ref_grads, ref_params = references[json.dumps({**(overrides or {}), **case.get("model", {})}, sort_keys=True)]
         grad_diff, grad_name = _max_rel(grads, ref_grads)
         param_diff, param_name = _max_abs(params, ref_params)
         results.append({

@@ -65,9 +65,16 @@ def test_sincos_grid_matches_the_closed_form():
     row, col = 2, 4
     token = emb[row * 5 + col]
     freqs = [1.0, 1.0 / 100.0]  # 1 / 10000^(i/2)
-    expect = [math.sin(row * f) for f in freqs] + [math.cos(row * f) for f in freqs]
-    expect += [math.sin(col * f) for f in freqs] + [math.cos(col * f) for f in freqs]
+    # MAE's layout: the column (w) coordinate fills the first half, the row (h) the second.
+    expect = [math.sin(col * f) for f in freqs] + [math.cos(col * f) for f in freqs]
+    expect += [math.sin(row * f) for f in freqs] + [math.cos(row * f) for f in freqs]
     torch.testing.assert_close(token, torch.tensor(expect))
+    # 1D (timestep embedding) and 3D keep the coordinate order: axis 0 first.
+    t = sincos_embed(torch.tensor([[3.0]]), 4)[0]
+    torch.testing.assert_close(t, torch.tensor([math.sin(3.0), math.sin(0.03), math.cos(3.0), math.cos(0.03)]))
+    e3 = sincos_embed(torch.tensor([[1.0, 2.0, 3.0]]), 6)[0]  # one frequency per axis
+    torch.testing.assert_close(e3, torch.tensor([math.sin(1.0), math.cos(1.0), math.sin(2.0), math.cos(2.0),
+                                                 math.sin(3.0), math.cos(3.0)]))
 
 
 def test_rotary_preserves_norms_and_relative_positions():

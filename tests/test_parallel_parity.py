@@ -54,11 +54,28 @@ SLOW_CASES = {
 }
 
 
+# Every option of the encoder at once (and ViT's pooling/patch dropout), with all dropouts active:
+# masks are drawn at global sizes and sliced per tp rank, so the runs must match one process.
+ENCODER_OPTIONS = {
+    "qk_norm": True, "init_values": 0.1, "attn_drop_rate": 0.1, "proj_drop_rate": 0.1, "pos_drop_rate": 0.1,
+    "pos_embed": "learned_sincos",
+}  # fmt: skip
+OPTIONS = {
+    "vit": {**ENCODER_OPTIONS, "global_pool": "avg", "class_token": True, "patch_drop_rate": 0.25},
+    "mae": ENCODER_OPTIONS,
+}
+OPTION_CASES = {
+    1: [{"mesh": "1x1x1"}],
+    2: [{"mesh": "1x1x2", "sp": True, "ac": "selective", "compile": "aot_eager"}],
+    8: [{"mesh": "2x2x2"}, {"mesh": "2x2x2", "sp": True}],
+}
+
+
 def check(results: list[dict]) -> None:
     assert results, "rank 0 reported nothing"
     for r in results:
         tol = BF16 if r.get("bf16") else FP32
-        label = {k: v for k, v in r.items() if k in ("mesh", "sp", "ac", "bf16", "accum", "compile")}
+        label = {k: v for k, v in r.items() if k in ("mesh", "sp", "ac", "bf16", "accum", "compile", "model")}
         assert r["same_names"], f"{label}: parameter names differ from the unparallelized model"
         assert r["loss_diff"] <= tol["loss"], f"{label}: loss differs by {r['loss_diff']:.2e}"
         assert r["grad_diff"] <= tol["grad"], f"{label}: gradient of {r['grad_name']} differs by {r['grad_diff']:.2e}"
@@ -78,3 +95,12 @@ def test_parity(family, world):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_parity_more_meshes(family, world):
     check(run_ranks(world, "parity_cases:parity", family, SLOW_CASES[world], timeout=400)[0])
+
+
+@pytest.mark.parametrize("world", sorted(OPTION_CASES))
+def test_parity_with_every_new_option(world):
+    jobs = [{"family": family, "cases": OPTION_CASES[world], "overrides": options} for family, options in OPTIONS.items()]
+    results = run_ranks(world, "parity_cases:parity_jobs", jobs, timeout=500)[0]
+    assert len(results) == len(OPTIONS)
+    for family_results in results:
+        check(family_results)

@@ -72,6 +72,11 @@ def grid_patches(x: torch.Tensor, patch_size: int) -> PatchSequence:
     (every region of side ``patch_size``, row-major, no padding)."""
     b, c, *spatial = x.shape
     ndim, p = len(spatial), patch_size
+    if p <= 0 or any(s % p for s in spatial):
+        raise ValueError(
+            f"grid_patches: image of spatial shape {tuple(spatial)} is not divisible by patch_size={p}; "
+            f"crop or pad it to e.g. {tuple(max(s // p, 1) * p for s in spatial) if p > 0 else spatial}"
+        )
     grid = [s // p for s in spatial]
     # (B, C, g0, p, g1, p[, g2, p]) -> (B, g0, g1[, g2], C, p, p[, p])
     split = x.reshape(b, c, *[v for g in grid for v in (g, p)])
@@ -186,8 +191,7 @@ def positions(model: nn.Module, seq: PatchSequence, dim: int, learned: nn.Module
 def embed_sequence(model: nn.Module, seq, variables: Sequence[str] | None) -> torch.Tensor:
     """Checked sequence -> patch tokens with positions (B, L, D); used by ``VisionTransformer.embed``."""
     check_sequence(model, seq)
-    model.variable_index(variables, seq.patches.shape[2])
-    tokens = model.patch_embed(seq.patches)
+    tokens = model.embed_channels(seq.patches, variables)
     pos = positions(model, seq, tokens.shape[-1], getattr(model, "pos_embed_adaptive", None))
     return tokens if pos is None else tokens + pos.to(tokens.dtype)
 
@@ -365,7 +369,7 @@ def mae_forward(model, seq: PatchSequence, variables, rng: RandomSource):
     noise = rand(rng, (b, length), device)
     if valid is not None:
         noise = noise.masked_fill(~valid, 2.0)  # pad tokens sort after every valid one
-    ids_shuffle = noise.argsort(dim=1)
+    ids_shuffle = noise.argsort(dim=1, stable=True)  # stable: ties break by index everywhere
     ids_restore = ids_shuffle.argsort(dim=1)
     ids_keep = ids_shuffle[:, :num_keep]
     if valid is None:

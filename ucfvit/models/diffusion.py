@@ -21,7 +21,8 @@ BETA_SCHEDULES = ("linear", "cosine")
 
 
 class DiffusionViT(EncoderDecoder):
-    """Predicts the noise in a noised image: ``forward(x_t, t)`` -> (B, C, *img_size).
+    """Predicts the noise in a noised image: ``forward(x_t, t)`` -> (B, C, *img_size), the
+    channels of ``x_t`` (with ``use_varemb``, a subset of the declared variables in any order).
 
     The timestep enters through a sinusoidal embedding and an MLP (``time_embed``), added to
     every patch token before the encoder blocks.
@@ -58,7 +59,8 @@ class DiffusionViT(EncoderDecoder):
         latent, _ = self.encode(tokens, coords, rng)
         y = latent if self.linear_decoder else self.decoder_embed(latent)
         # contiguous(): return a fresh tensor rather than a permuted view of the decoder output.
-        return unpatchify(self.decode(y, coords), self.patch_size, self.img_size).contiguous()
+        pred = self.select_channels(self.decode(y, coords), x.shape[1], variables)
+        return unpatchify(pred, self.patch_size, self.img_size).contiguous()
 
 
 class DDPMScheduler:

@@ -21,6 +21,7 @@ __all__ = [
     "grid_coords",
     "rope_angles",
     "timestep_embed",
+    "resize_pos_embed",
 ]
 
 
@@ -108,25 +109,58 @@ def grid_coords(grid: Sequence[int], device: torch.device | str | None = None) -
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid))
 
 
-def _axis_frequencies(num: int, theta: float, device: torch.device | str | None) -> torch.Tensor:
-    return 1.0 / theta ** (torch.arange(num, dtype=torch.float32, device=device) / max(num, 1))
+def _axis_frequencies(num: int, theta: float, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return 1.0 / theta ** (torch.arange(num, dtype=dtype, device=device) / max(num, 1))
 
 
 def sincos_embed(coords: torch.Tensor, dim: int, theta: float = 10000.0) -> torch.Tensor:
     """Sin-cos embedding of (possibly fractional) coordinates (..., ndim) -> (..., dim).
 
-    Each axis gets ``2 * (dim // (2 * ndim))`` channels (half sin, half cos); leftover channels
-    are zero. With ndim=1 this is the Transformer's 1D embedding; with a grid it is the MAE 2D/3D one.
+    Each axis gets ``2 * (dim // (2 * ndim))`` channels, ``[sin(c * w_i)..., cos(c * w_i)...]`` with
+    ``w_i = 1 / theta**(i / (dim // (2 * ndim)))``; leftover channels are zero. Axis order of the
+    channel blocks follows the references: 1D is the Transformer's embedding; 2D puts the second
+    coordinate (column, w) first and the row second, as MAE's ``get_2d_sincos_pos_embed``; 3D keeps
+    (axis 0, 1, 2) = (h, w, d), as UCF-VIT's ``get_3d_sincos_pos_embed``. Computed in the dtype of
+    ``coords`` when it is float64 (exact tables), else in float32; returns float32.
     """
     ndim = coords.shape[-1]
     per_axis = dim // (2 * ndim)
-    freqs = _axis_frequencies(per_axis, theta, coords.device)
+    dtype = torch.float64 if coords.dtype == torch.float64 else torch.float32
+    freqs = _axis_frequencies(per_axis, theta, coords.device, dtype)
+    axes = (1, 0) if ndim == 2 else range(ndim)
     parts = []
-    for a in range(ndim):
-        angles = coords[..., a : a + 1].float() * freqs  # (..., per_axis)
+    for a in axes:
+        angles = coords[..., a : a + 1].to(dtype) * freqs  # (..., per_axis)
         parts += [angles.sin(), angles.cos()]
-    out = torch.cat(parts, dim=-1)
+    out = torch.cat(parts, dim=-1).float()
     return F.pad(out, (0, dim - out.shape[-1]))
+
+
+def resize_pos_embed(
+    table: torch.Tensor, old_grid: Sequence[int], new_grid: Sequence[int], num_prefix: int = 0
+) -> torch.Tensor:
+    """Resample a learned position table (1, P + prod(old_grid), D) to (1, P + prod(new_grid), D).
+
+    The patch rows are interpolated bilinearly (2D) or trilinearly (3D) over the row-major grid
+    (``align_corners=False``); the ``num_prefix`` leading rows (class-token slots) are kept as they are.
+    """
+    old_grid, new_grid = tuple(int(g) for g in old_grid), tuple(int(g) for g in new_grid)
+    if len(old_grid) != len(new_grid) or len(old_grid) not in (2, 3):
+        raise ValueError(f"old_grid={old_grid} and new_grid={new_grid} must both be 2D or both 3D")
+    if table.ndim != 3 or table.shape[1] != num_prefix + math.prod(old_grid):
+        raise ValueError(
+            f"table of shape {tuple(table.shape)} does not hold num_prefix={num_prefix} + prod(old_grid={old_grid}) "
+            "rows; pass the grid the table was trained with"
+        )
+    prefix, patches = table[:, :num_prefix], table[:, num_prefix:]
+    if old_grid == new_grid:
+        return table
+    d = table.shape[-1]
+    grid = patches.reshape(1, *old_grid, d).movedim(-1, 1).float()  # (1, D, *old_grid)
+    mode = "bilinear" if len(old_grid) == 2 else "trilinear"
+    resized = F.interpolate(grid, size=new_grid, mode=mode, align_corners=False)
+    resized = resized.movedim(1, -1).reshape(1, -1, d).to(table.dtype)
+    return torch.cat([prefix, resized], dim=1)
 
 
 def rope_angles(coords: torch.Tensor, head_dim: int, theta: float = 100.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,26 +22,54 @@ from .embed import (
     VariableAggregation,
     VariablePatchEmbed,
     grid_coords,
+    resize_pos_embed,
     rope_angles,
     sincos_embed,
 )
-from .layers import Block
+from .layers import Attention, Block
 from .patches import check_patch_grid, to_ntuple
 from .rng import RandomSource, rand
 
-POS_EMBEDS = ("sincos", "learned", "none")
+POS_EMBEDS = ("sincos", "learned", "learned_sincos", "none")
+LEARNED_POS_EMBEDS = ("learned", "learned_sincos")
 
-__all__ = ["VisionTransformer", "EncoderDecoder", "POS_EMBEDS"]
+__all__ = ["POS_EMBEDS", "EncoderDecoder", "VisionTransformer", "dropout_scale", "shuffle_indices"]
+
+# Parameters without weight decay besides every 1-D parameter and every bias: tokens and embeddings.
+_NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed", "var_embed", "query")
 
 
-def _init_linear_like(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def _init_linear_like(weight: torch.Tensor, bias: torch.Tensor | None, fan_out: int | None = None) -> None:
     """Xavier-uniform over (out, prod(rest)), as the MAE reference initialises linears and the
-    patch projection. Computed from the global shape, so it is valid on sharded DTensors."""
-    fan_out, fan_in = weight.shape[0], math.prod(weight.shape[1:])
+    patch projection; ``fan_out`` overrides the output fan (q/k/v: that of the fused (3D, D) qkv).
+    Computed from the global shape, so it is valid on sharded DTensors."""
+    fan_in = math.prod(weight.shape[1:])
+    fan_out = weight.shape[0] if fan_out is None else fan_out
     bound = math.sqrt(6.0 / (fan_in + fan_out))
     nn.init.uniform_(weight, -bound, bound)
     if bias is not None:
         nn.init.zeros_(bias)
+
+
+def _copy_full_(dst: torch.Tensor, value: torch.Tensor) -> None:
+    """``dst.copy_(value)`` for a plain tensor or a sharded DTensor parameter (after meta init +
+    parallelize). Duck-typed, so model code imports nothing from torch.distributed."""
+    if hasattr(dst, "device_mesh") and hasattr(dst, "placements"):
+        value = type(dst).from_local(value.to(dst.device), dst.device_mesh, run_check=False)  # replicated
+        value = value.redistribute(dst.device_mesh, dst.placements)
+    dst.copy_(value)
+
+
+def dropout_scale(rng: RandomSource, shape: Sequence[int], rate: float, device: torch.device) -> torch.Tensor:
+    """Dropout as a multiplicative scale drawn from ``rng``: ``keep / (1 - rate)``, batch first."""
+    return (rand(rng, shape, device) >= rate).float() / (1.0 - rate)
+
+
+def shuffle_indices(rng: RandomSource, batch: int, num: int, device: torch.device) -> torch.Tensor:
+    """A random permutation of ``num`` token indices per sample (B, num), drawn from ``rng``.
+
+    Sorting is stable, so the rare ties of 24-bit uniforms break by index on every device and batch split."""
+    return rand(rng, (batch, num), device).argsort(dim=1, stable=True)
 
 
 class VisionTransformer(nn.Module):
@@ -54,8 +82,17 @@ class VisionTransformer(nn.Module):
         ndim: 2 or 3 when ``img_size`` is an int.
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias: transformer shape.
         drop_path_rate: stochastic depth, linearly increasing over blocks.
+        attn_drop_rate: dropout on the attention probabilities of the encoder blocks.
+        proj_drop_rate: dropout after ``attn.proj``, after the MLP activation and after ``mlp.fc2``
+            of the encoder blocks (timm's ``proj_drop``).
+        pos_drop_rate: dropout on the tokens (prefix included) after positions are added.
+        qk_norm: LayerNorm over ``head_dim`` on q and k in the encoder blocks (timm's ``qk_norm``).
+        init_values: LayerScale initial value of the encoder blocks (``ls1``/``ls2``); None: off.
         class_token: prepend a learned class token.
-        pos_embed: ``"sincos"`` (fixed), ``"learned"`` or ``"none"``.
+        pos_embed: ``"sincos"`` (fixed buffer), ``"learned"`` (trunc-normal init),
+            ``"learned_sincos"`` (learned, initialised with the sin-cos table: UCF-VIT's ``learn``)
+            or ``"none"``. Learned tables hold patch rows only (no class-token row) and are resized
+            (bi/trilinear) by ``load_state_dict`` when a checkpoint's grid differs.
         rope: rotary position embedding over the 2D/3D patch coordinates in every block.
         attn_backend: ``"sdpa"``, ``"xformers"`` or ``"math"``.
         variables: names of the input channels the model knows (UCF-VIT's ``default_vars``).
@@ -82,6 +119,11 @@ class VisionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         drop_path_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        qk_norm: bool = False,
+        init_values: float | None = None,
         class_token: bool = True,
         pos_embed: str = "sincos",
         rope: bool = False,
@@ -115,19 +157,22 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
         if pos_embed not in POS_EMBEDS:
             raise ValueError(f"pos_embed={pos_embed!r} is unknown; choose one of {POS_EMBEDS}")
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate={drop_path_rate} must lie in [0, 1)")
+        rates = {"drop_path_rate": drop_path_rate, "attn_drop_rate": attn_drop_rate}
+        rates.update(proj_drop_rate=proj_drop_rate, pos_drop_rate=pos_drop_rate)
+        for name, rate in rates.items():
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"{name}={rate} must lie in [0, 1)")
         if use_varemb and single_channel:
             raise ValueError("use_varemb and single_channel are exclusive: pick one way of embedding variables")
-        if adaptive_patching and (use_varemb or single_channel):
-            raise ValueError("adaptive_patching supports neither use_varemb nor single_channel")
-        if adaptive_patching and pos_embed == "learned":
+        if adaptive_patching and pos_embed in LEARNED_POS_EMBEDS:
             raise ValueError(
-                "pos_embed='learned' is a table over the regular patch grid; adaptive positions are continuous: "
-                "use pos_embed='sincos' (fixed), use_adaptive_pos_emb=True (learned) or rope=True"
+                f"adaptive_patching does not support pos_embed={pos_embed!r}: a learned table has one row per grid "
+                "patch, adaptive patches have continuous positions and sizes; use pos_embed='sincos' (fixed), "
+                "use_adaptive_pos_emb=True (learned) or rope=True"
             )
         self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
-        self.drop_path_rate = drop_path_rate
+        self.drop_path_rate, self.attn_drop_rate, self.proj_drop_rate = drop_path_rate, attn_drop_rate, proj_drop_rate
+        self.pos_drop_rate = pos_drop_rate
         self.rope = rope
         self.use_varemb, self.single_channel, self.adaptive_patching = use_varemb, single_channel, adaptive_patching
         self.pos_embed_kind = pos_embed
@@ -143,11 +188,11 @@ class VisionTransformer(nn.Module):
         self.data_chans = len(self.variables) if use_varemb else self.in_chans
         self.num_prefix_tokens = int(class_token)
 
-        if adaptive_patching:
-            self.patch_embed = AdaptivePatchEmbed(self.patch_size, in_chans, embed_dim, self.ndim)
-        elif use_varemb:
+        if use_varemb:
             self.patch_embed = VariablePatchEmbed(len(self.variables), self.patch_size, embed_dim, self.ndim)
             self.var_agg = VariableAggregation(embed_dim, num_heads, backend=attn_backend)
+        elif adaptive_patching:
+            self.patch_embed = AdaptivePatchEmbed(self.patch_size, self.in_chans, embed_dim, self.ndim)
         else:
             self.patch_embed = PatchEmbed(self.patch_size, self.in_chans, embed_dim, self.ndim)
         if use_varemb or single_channel:
@@ -157,19 +202,28 @@ class VisionTransformer(nn.Module):
         if use_adaptive_pos_emb:
             self.pos_embed_adaptive = AdaptivePosEmbed(self.ndim, embed_dim)
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, backend=attn_backend)
+            Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                qk_norm=qk_norm,
+                init_values=init_values,
+                backend=attn_backend,
+            )
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
 
     # ------------------------------------------------------------------ initialisation
     def _sincos_table(self, dim: int) -> torch.Tensor:
-        return sincos_embed(grid_coords(self.grid), dim).unsqueeze(0)  # (1, N, dim)
+        # float64 coordinates: the table equals the float64 reference formulas rounded to float32.
+        return sincos_embed(grid_coords(self.grid).double(), dim).unsqueeze(0)  # (1, N, dim)
 
     def _add_pos_embed(self, name: str, dim: int) -> None:
         """Register position table ``name`` of width ``dim``: a learned parameter, a fixed sin-cos
         buffer (not saved: it is recomputed), or None (no table, or continuous adaptive positions)."""
-        if self.pos_embed_kind == "learned":
+        if self.pos_embed_kind in LEARNED_POS_EMBEDS:
             setattr(self, name, nn.Parameter(torch.empty(1, self.num_patches, dim)))
         elif self.pos_embed_kind == "sincos" and not self.adaptive_patching:
             self.register_buffer(name, self._sincos_table(dim), persistent=False)
@@ -178,18 +232,22 @@ class VisionTransformer(nn.Module):
 
     def _init_pos_embed(self, name: str) -> None:
         table = getattr(self, name)
-        if isinstance(table, nn.Parameter):
+        if self.pos_embed_kind == "learned":
             nn.init.trunc_normal_(table, std=0.02)
         elif table is not None:
-            table.copy_(self._sincos_table(table.shape[-1]))
+            _copy_full_(table, self._sincos_table(table.shape[-1]))
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """(Re)initialise every parameter and buffer. Valid on the meta->``to_empty`` path and
-        on DTensor parameters (all fans come from global shapes)."""
+        on DTensor parameters (all fans come from global shapes).
+
+        Linears are Xavier-uniform as in the MAE reference; ``q``, ``k`` and ``v`` get the bound of
+        the reference's fused (3D, D) ``qkv`` weight."""
+        qkv = {id(lin): 3 * lin.weight.shape[0] for m in self.modules() if isinstance(m, Attention) for lin in (m.q, m.k, m.v)}
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                _init_linear_like(module.weight, module.bias)
+                _init_linear_like(module.weight, module.bias, qkv.get(id(module)))
             elif isinstance(module, (nn.Conv2d, nn.Conv3d)) and module.kernel_size == module.stride:
                 _init_linear_like(module.weight, module.bias)  # patch projections
             elif module is not self and hasattr(module, "reset_parameters"):
@@ -224,6 +282,26 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"single_channel models take 1 channel per batch, got {num_channels}")
         return [self.variables.index(v) for v in variables]
 
+    def embed_channels(self, x: torch.Tensor, variables: Sequence[str] | None = None) -> torch.Tensor:
+        """Patch tokens (B, N, D) without positions, from an image (B, C, *img_size) or, with
+        adaptive patching, from resized patches (B, L, C, *[patch_size]*ndim). Validates the
+        variable names; embeds each channel separately (``use_varemb``) or adds the variable's
+        embedding (``single_channel``)."""
+        c = x.shape[2] if self.adaptive_patching else x.shape[1]
+        idx = self.variable_index(variables, c)
+        if self.use_varemb:
+            index = torch.tensor(idx, device=x.device)
+            if self.adaptive_patching:  # every patch is a one-patch image
+                b, length = x.shape[:2]
+                tokens = self.patch_embed(x.flatten(0, 1), index).view(b, length, c, -1).transpose(1, 2)
+            else:
+                tokens = self.patch_embed(x, index)  # (B, C, N, D)
+            return self.var_agg(tokens + self.var_embed[index][None, :, None, :])
+        tokens = self.patch_embed(x)
+        if self.single_channel:
+            tokens = tokens + self.var_embed[idx[0]]
+        return tokens
+
     def embed(self, x: torch.Tensor, variables: Sequence[str] | None = None) -> torch.Tensor:
         """Image (B, C, *img_size), or a PatchSequence for adaptive models -> patch tokens with
         positions (B, N, D); no prefix token."""
@@ -231,15 +309,7 @@ class VisionTransformer(nn.Module):
             return embed_sequence(self, x, variables)
         if tuple(x.shape[2:]) != self.img_size:
             raise ValueError(f"input spatial shape {tuple(x.shape[2:])} does not match img_size={self.img_size}")
-        idx = self.variable_index(variables, x.shape[1])
-        if self.use_varemb:
-            index = torch.tensor(idx, device=x.device)
-            tokens = self.patch_embed(x, index) + self.var_embed[index][None, :, None, :]
-            tokens = self.var_agg(tokens)
-        else:
-            tokens = self.patch_embed(x)
-            if self.single_channel:
-                tokens = tokens + self.var_embed[idx[0]]
+        tokens = self.embed_channels(x, variables)
         if self.pos_embed is not None:
             tokens = tokens + self.pos_embed.to(tokens.dtype)
         return tokens
@@ -268,6 +338,25 @@ class VisionTransformer(nn.Module):
         noise = rand(rng, (batch, self.depth * 2), device).T.reshape(self.depth, 2, batch)
         return (noise >= rates).float() / (1.0 - rates)
 
+    def block_noise(self, rng: RandomSource, x: torch.Tensor, drop_scale: torch.Tensor | None) -> dict:
+        """Dropout scales of one encoder block for its input ``x`` (B, N, D), drawn from ``rng`` at
+        their global sizes (all heads, all hidden features): keyword arguments of :class:`Block`.
+        ``drop_scale`` (2, B) is the block's stochastic depth, merged with the branch dropout."""
+        noise = {"drop_scale": drop_scale}
+        if not self.training:
+            return noise
+        (b, n, d), device = x.shape, x.device
+        if self.attn_drop_rate > 0:
+            noise["prob_scale"] = dropout_scale(rng, (b, self.num_heads, n, n), self.attn_drop_rate, device)
+        if self.proj_drop_rate > 0:
+            hidden = self.blocks[0].mlp.fc1.out_features
+            noise["hidden_scale"] = dropout_scale(rng, (b, n, hidden), self.proj_drop_rate, device)
+            branch = dropout_scale(rng, (b, 2, n, d), self.proj_drop_rate, device).transpose(0, 1)
+            if drop_scale is not None:
+                branch = branch * drop_scale.view(2, b, 1, 1)
+            noise["drop_scale"] = branch.contiguous()  # (2, B, N, D)
+        return noise
+
     def prepend_prefix(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.cls_token is None:
             return tokens
@@ -288,12 +377,14 @@ class VisionTransformer(nn.Module):
         blocks listed in ``taps``, one per entry (for UNETR's skip connections).
         """
         x = self.prepend_prefix(tokens)
+        if self.training and self.pos_drop_rate > 0:
+            x = x * dropout_scale(rng, x.shape, self.pos_drop_rate, x.device).to(x.dtype)
         rope = self.rope_for(coords, self.embed_dim // self.num_heads)
         scales = self.drop_path_scales(rng, x.shape[0], x.device)
         tapped = {}
         valid = with_prefix(valid, self.num_prefix_tokens)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope=rope, drop_scale=None if scales is None else scales[i], valid=valid)
+            x = block(x, rope=rope, valid=valid, **self.block_noise(rng, x, None if scales is None else scales[i]))
             if i in taps:
                 tapped[i] = x
         return self.norm(x), [tapped[i] for i in taps]
@@ -305,6 +396,42 @@ class VisionTransformer(nn.Module):
         tokens = self.embed(x, variables)
         coords, valid = token_layout(self, x)
         return self.encode(tokens, coords, rng, valid=valid)[0]
+
+    # ------------------------------------------------------------------ optimiser and checkpoints
+    def no_weight_decay(self) -> set[str]:
+        """Names (as in ``named_parameters()``) of parameters that get no weight decay: every 1-D
+        parameter (norm weights and biases, LayerScale gammas, linear biases), every bias, class and
+        mask tokens, position and variable embeddings, and the variable-aggregation query."""
+        names = set()
+        for name, param in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if param.ndim <= 1 or leaf == "bias" or leaf in _NO_DECAY_NAMES:
+                names.add(name)
+        return names
+
+    def _checkpoint_grid(self, rows: int) -> tuple[int, ...]:
+        """The patch grid of a saved position table with ``rows`` rows: this model's aspect ratio
+        scaled, else a square/cubic grid."""
+        nd = self.ndim
+        scaled = tuple(round(g * (rows / self.num_patches) ** (1 / nd)) for g in self.grid)
+        for grid in (scaled, (round(rows ** (1 / nd)),) * nd):
+            if math.prod(grid) == rows:
+                return grid
+        raise ValueError(
+            f"a saved position table has {rows} rows, which fits neither this model's aspect ratio (grid {self.grid}) "
+            "nor a square/cubic grid; resize it first with ucfvit.models.embed.resize_pos_embed(table, old_grid, "
+            f"new_grid={self.grid})"
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A learned table saved for another img_size is resampled to this model's grid.
+        for name in ("pos_embed", "decoder_pos_embed"):
+            table, key = getattr(self, name, None), prefix + name
+            saved = state_dict.get(key)
+            plain = isinstance(saved, torch.Tensor) and not hasattr(saved, "device_mesh")  # not a DTensor
+            if isinstance(table, nn.Parameter) and plain and saved.ndim == 3 and saved.shape[1] != table.shape[1]:
+                state_dict[key] = resize_pos_embed(saved, self._checkpoint_grid(saved.shape[1]), self.grid)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class EncoderDecoder(VisionTransformer):
@@ -368,6 +495,14 @@ class EncoderDecoder(VisionTransformer):
         super()._init_parameters()
         if not self.linear_decoder:
             self._init_pos_embed("decoder_pos_embed")
+
+    def select_channels(self, pred: torch.Tensor, num_channels: int, variables: Sequence[str] | None) -> torch.Tensor:
+        """With variable embeddings the decoder predicts every declared variable (B, N, p**ndim * V):
+        keep the input's channels, in the input's order."""
+        if not self.use_varemb or self.out_chans != self.data_chans:
+            return pred
+        idx = torch.tensor(self.variable_index(variables, num_channels), device=pred.device)
+        return pred.unflatten(-1, (-1, self.out_chans)).index_select(-1, idx).flatten(-2)
 
     def decode(
         self, x: torch.Tensor, coords: torch.Tensor | None, pos: torch.Tensor | None = None, valid: torch.Tensor | None = None

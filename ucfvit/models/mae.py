@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from .adaptive import is_sequence, mae_forward, model_input, sequence_target
-from .encoder import EncoderDecoder
+from .encoder import EncoderDecoder, shuffle_indices
 from .patches import patchify, unpatchify
 from .registry import FamilySpec, register_family
-from .rng import RandomSource, rand
+from .rng import RandomSource
 
 __all__ = ["MAE"]
 
@@ -50,8 +50,7 @@ class MAE(EncoderDecoder):
 
     def random_masking(self, batch: int, device: torch.device, rng: RandomSource = None):
         """Per-sample random permutation of patches: returns (ids_keep (B, K), ids_restore (B, N), mask (B, N))."""
-        noise = rand(rng, (batch, self.num_patches), device)
-        ids_shuffle = noise.argsort(dim=1)
+        ids_shuffle = shuffle_indices(rng, batch, self.num_patches, device)
         ids_restore = ids_shuffle.argsort(dim=1)
         ids_keep = ids_shuffle[:, : self.num_keep]
         mask = torch.ones(batch, self.num_patches, device=device)
@@ -62,7 +61,8 @@ class MAE(EncoderDecoder):
         self, x: torch.Tensor, variables: Sequence[str] | None = None, *, rng: RandomSource = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.adaptive_patching or is_sequence(x):  # masking among the valid patches of a PatchSequence
-            return mae_forward(self, x, variables, rng)
+            pred, mask = mae_forward(self, x, variables, rng)
+            return self.select_channels(pred, x.patches.shape[2], variables), mask
         b = x.shape[0]
         tokens = self.embed(x, variables)
         ids_keep, ids_restore, mask = self.random_masking(b, x.device, rng)
@@ -79,14 +79,7 @@ class MAE(EncoderDecoder):
         patches = torch.cat([y[:, p:], self.mask_token.expand(b, self.num_patches - self.num_keep, -1)], dim=1)
         patches = patches.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, width))
         pred = self.decode(torch.cat([y[:, :p], patches], dim=1), coords)
-        return self._select_channels(pred, x.shape[1], variables), mask
-
-    def _select_channels(self, pred: torch.Tensor, num_channels: int, variables) -> torch.Tensor:
-        """With variable embeddings the decoder predicts every declared variable: keep the input's."""
-        if not self.use_varemb:
-            return pred
-        idx = torch.tensor(self.variable_index(variables, num_channels), device=pred.device)
-        return pred.unflatten(-1, (-1, self.out_chans)).index_select(-1, idx).flatten(-2)
+        return self.select_channels(pred, x.shape[1], variables), mask
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, *img_size) -> (B, N, patch_size**ndim * C)."""

@@ -32,7 +32,11 @@ class SAP(EncoderDecoder):
         fixed_length: tokens per sample ``L`` (checked in forward when set; pad shorter sequences).
         decoder_*, linear_decoder: the token decoder, see :class:`~ucfvit.models.encoder.EncoderDecoder`.
         **encoder_kwargs: see :class:`~ucfvit.models.encoder.VisionTransformer`;
-            ``img_size`` is the size of the dense output.
+            ``img_size`` is the size of the dense output. Positions are continuous, so
+            ``pos_embed`` is ``"sincos"`` (of region centres and sizes) or ``"none"`` (e.g. with
+            ``rope=True``); ``use_varemb`` embeds each channel of a patch with its variable's
+            weights and aggregates, ``single_channel`` takes one-channel patches plus the
+            variable's embedding.
     """
 
     def __init__(self, *, num_classes: int = 2, fixed_length: int | None = None, **kwargs):

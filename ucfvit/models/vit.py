@@ -8,42 +8,103 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adaptive import masked_mean, model_input, valid_of
-from .encoder import VisionTransformer
+from .adaptive import masked_mean, model_input, token_layout
+from .encoder import VisionTransformer, dropout_scale, shuffle_indices
 from .registry import FamilySpec, register_family
-from .rng import RandomSource, rand
+from .rng import RandomSource
 
-__all__ = ["ViT"]
+__all__ = ["GLOBAL_POOLS", "ViT"]
+
+GLOBAL_POOLS = ("token", "avg")
 
 
 class ViT(VisionTransformer):
-    """Image classifier: encoder -> pooled token (class token, or mean of patch tokens) -> ``head``.
+    """Image classifier: encoder -> pooled features -> ``fc_norm`` -> dropout -> ``head``.
+
+    Pooling and norms follow timm's ``VisionTransformer``: ``"token"`` takes the class token,
+    ``"avg"`` the mean of the patch tokens (prefix tokens excluded). With ``fc_norm`` the final
+    ``norm`` is an identity and the pooled vector is normalised instead (timm: avg pooling, the
+    MAE fine-tuning setup); without it every token is normalised by ``norm`` before pooling.
 
     Args:
         num_classes: output logits.
+        global_pool: ``"token"`` or ``"avg"``; default ``"token"`` with a class token, else ``"avg"``.
+        fc_norm: normalise the pooled features (``fc_norm``) instead of the tokens (``norm``);
+            default (None): True for ``"avg"``, False for ``"token"``, as timm.
         drop_rate: dropout on the pooled features before ``head`` (drawn from ``rng``).
-        **encoder_kwargs: see :class:`~ucfvit.models.encoder.VisionTransformer`.
+        patch_drop_rate: in training, keep a random ``max(1, int(N * (1 - rate)))`` of the patch
+            tokens (prefix tokens always kept) before the blocks (timm's PatchDropout).
+        **encoder_kwargs: see :class:`~ucfvit.models.encoder.VisionTransformer`; ``pos_embed``
+            defaults to ``"learned"``.
     """
 
-    def __init__(self, *, num_classes: int = 1000, drop_rate: float = 0.0, **encoder_kwargs):
+    def __init__(
+        self,
+        *,
+        num_classes: int = 1000,
+        global_pool: str | None = None,
+        fc_norm: bool | None = None,
+        drop_rate: float = 0.0,
+        patch_drop_rate: float = 0.0,
+        **encoder_kwargs,
+    ):
         encoder_kwargs.setdefault("pos_embed", "sincos" if encoder_kwargs.get("adaptive_patching") else "learned")
+        if patch_drop_rate and encoder_kwargs.get("adaptive_patching"):
+            raise ValueError(
+                "patch_drop_rate applies to images on the regular patch grid; with adaptive_patching choose the "
+                "number of patches with fixed_length instead"
+            )
         super().__init__(**encoder_kwargs)
         if num_classes <= 0:
             raise ValueError(f"num_classes={num_classes} must be positive")
-        if not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"drop_rate={drop_rate} must lie in [0, 1)")
-        self.num_classes, self.drop_rate = num_classes, drop_rate
+        for name, rate in (("drop_rate", drop_rate), ("patch_drop_rate", patch_drop_rate)):
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"{name}={rate} must lie in [0, 1)")
+        if global_pool is None:
+            global_pool = "token" if self.cls_token is not None else "avg"
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool={global_pool!r} is unknown; choose one of {GLOBAL_POOLS}")
+        if global_pool == "token" and self.cls_token is None:
+            raise ValueError("global_pool='token' needs class_token=True; or use global_pool='avg'")
+        self.global_pool = global_pool
+        self.use_fc_norm = global_pool == "avg" if fc_norm is None else bool(fc_norm)
+        if self.use_fc_norm:
+            self.norm = nn.Identity()
+        self.fc_norm = nn.LayerNorm(self.embed_dim, eps=1e-6) if self.use_fc_norm else nn.Identity()
+        self.num_classes, self.drop_rate, self.patch_drop_rate = num_classes, drop_rate, patch_drop_rate
         self.head = nn.Linear(self.embed_dim, num_classes)
+
+    def patch_dropout(
+        self, tokens: torch.Tensor, coords: torch.Tensor, rng: RandomSource
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """In training, a random subset of the patch tokens (B, K, D) and their coordinates."""
+        if not self.training or self.patch_drop_rate == 0:
+            return tokens, coords
+        b, n, d = tokens.shape
+        keep = shuffle_indices(rng, b, n, tokens.device)[:, : max(1, int(n * (1 - self.patch_drop_rate)))]
+        return tokens.gather(1, keep.unsqueeze(-1).expand(-1, -1, d)), coords.gather(
+            1, keep.unsqueeze(-1).expand(-1, -1, coords.shape[-1])
+        )
+
+    def pool(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder output (B, P+N, D) -> pooled features (B, D), normalised by ``fc_norm`` if on;
+        ``avg`` averages the valid patch tokens (``valid`` (B, N) bool, None: all)."""
+        if self.global_pool == "token":
+            pooled = tokens[:, 0]
+        else:
+            pooled = masked_mean(tokens[:, self.num_prefix_tokens :], valid)
+        return self.fc_norm(pooled)
 
     def forward(
         self, x: torch.Tensor, variables: Sequence[str] | None = None, *, rng: RandomSource = None
     ) -> torch.Tensor:
         """(B, C, *img_size), or a PatchSequence if adaptive -> logits (B, num_classes)."""
-        tokens = self.forward_features(x, variables, rng=rng)
-        pooled = tokens[:, 0] if self.cls_token is not None else masked_mean(tokens, valid_of(x))
+        tokens = self.embed(x, variables)
+        coords, valid = token_layout(self, x)
+        tokens, coords = self.patch_dropout(tokens, coords, rng)
+        pooled = self.pool(self.encode(tokens, coords, rng, valid=valid)[0], valid)
         if self.training and self.drop_rate > 0:
-            keep = rand(rng, pooled.shape, pooled.device) >= self.drop_rate
-            pooled = pooled * keep / (1.0 - self.drop_rate)
+            pooled = pooled * dropout_scale(rng, pooled.shape, self.drop_rate, pooled.device).to(pooled.dtype)
         return self.head(pooled)
 
 

@@ -12,6 +12,11 @@ because they share module names (Megatron layout per block):
   tokens, attention/MLP inputs are all-gathered and their outputs reduce-scattered, and the block
   output is gathered again (blocks exchange full sequences, so skip taps and decoders need no
   special case).
+* Options of the blocks: ``attn.q_norm``/``attn.k_norm`` (qk_norm) see a slice of the heads, so
+  they run on head-sharded DTensors and their weight gradients are summed over tp; LayerScale
+  ``ls1``/``ls2`` run on sequence shards under sequence parallelism. ``attn`` and ``mlp`` learn
+  which heads / hidden features they compute (:class:`ShardOffset`), so dropout drawn at the
+  global size is sliced to the rank's part (see ``ucfvit.models.layers``).
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ from torch.distributed.tensor.parallel import (
 from ucfvit.models.layers import Attention
 
 __all__ = [
+    "Compose",
     "ModelPlan",
     "SequenceParallelBlock",
+    "ShardOffset",
     "StyleSpec",
     "check_tp_divisibility",
     "match_modules",
@@ -87,33 +94,94 @@ class SequenceParallelBlock(ParallelStyle):
         return module
 
 
-def block_tp_plan(prefix: str, sequence_parallel: bool) -> dict[str, StyleSpec]:
-    """Megatron plan for the blocks matched by ``prefix`` (e.g. ``"blocks.*"``)."""
+class ShardOffset(ParallelStyle):
+    """Passes a module the global index of the first unit (head, hidden feature) it computes, as
+    the forward keyword ``name``: ``tp rank * units(module) // tp``.
+
+    Column-wise sharding gives tp rank r the r-th contiguous block of the units, and the model
+    draws per-unit randomness (attention-dropout masks over all heads, MLP dropout over all hidden
+    features) at the global size outside the block; with this offset the module keeps exactly the
+    slice it computes, so every rank applies the single-process masks. The offset is plain data
+    fixed when the plan is applied: the model never asks for its rank.
+    """
+
+    def __init__(self, name: str, units: Callable[[nn.Module], int]):
+        super().__init__()
+        self.name, self.units = name, units
+
+    def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+        offset = mesh.get_local_rank() * (self.units(module) // mesh.size())
+
+        def pre_hook(_mod, args, kwargs):
+            return args, {**kwargs, self.name: offset}
+
+        module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        return module
+
+
+class Compose(ParallelStyle):
+    """Applies several styles to one module, in order (a plan maps each pattern to one style)."""
+
+    def __init__(self, *styles: ParallelStyle):
+        super().__init__()
+        self.styles = styles
+
+    def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+        for style in self.styles:
+            style.src_data_rank = self.src_data_rank
+            module = style._apply(module, mesh)
+        return module
+
+
+def _heads(attn: nn.Module) -> int:
+    return attn.q.weight.shape[0] // attn.head_dim  # the global shape, also on a DTensor
+
+
+def _hidden(mlp: nn.Module) -> int:
+    return mlp.fc1.weight.shape[0]
+
+
+def block_tp_plan(
+    prefix: str, sequence_parallel: bool, *, qk_norm: bool = False, layer_scale: bool = False
+) -> dict[str, StyleSpec]:
+    """Megatron plan for the blocks matched by ``prefix`` (e.g. ``"blocks.*"``); ``qk_norm`` and
+    ``layer_scale`` say whether those blocks have ``attn.q_norm``/``attn.k_norm`` and ``ls1``/``ls2``."""
+    heads, hidden = ShardOffset("head_offset", _heads), ShardOffset("hidden_offset", _hidden)
+    # q/k norms see the rank's heads: dim 2 of their input (B, N, heads, head_dim) is the sharded
+    # one, so the norm weights stay replicated and their gradients are summed over tp.
+    head_norms = SequenceParallel(sequence_dim=2, use_local_output=True)
+    extra = {f"{prefix}.attn.q_norm": head_norms, f"{prefix}.attn.k_norm": head_norms} if qk_norm else {}
     if not sequence_parallel:
         return {
-            f"{prefix}.attn": PrepareModuleInput(
-                input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),), use_local_output=False
+            f"{prefix}.attn": Compose(
+                PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),), use_local_output=False),
+                heads,
             ),
             f"{prefix}.attn.q": ColwiseParallel(),
             f"{prefix}.attn.k": ColwiseParallel(),
             f"{prefix}.attn.v": ColwiseParallel(),
             f"{prefix}.attn.proj": RowwiseParallel(),
+            f"{prefix}.mlp": hidden,
             f"{prefix}.mlp.fc1": ColwiseParallel(),
             f"{prefix}.mlp.fc2": RowwiseParallel(),
+            **extra,
         }
     gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=False)
+    if layer_scale:  # branch outputs are sequence shards: the gammas act on them as replicated DTensors
+        extra.update({f"{prefix}.ls1": SequenceParallel(), f"{prefix}.ls2": SequenceParallel()})
     return {
         prefix: SequenceParallelBlock(),
         f"{prefix}.norm1": SequenceParallel(),
         f"{prefix}.norm2": SequenceParallel(),
-        f"{prefix}.attn": gather,
+        f"{prefix}.attn": Compose(gather, heads),
         f"{prefix}.attn.q": ColwiseParallel(),
         f"{prefix}.attn.k": ColwiseParallel(),
         f"{prefix}.attn.v": ColwiseParallel(),
         f"{prefix}.attn.proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
-        f"{prefix}.mlp": gather,
+        f"{prefix}.mlp": Compose(gather, hidden),
         f"{prefix}.mlp.fc1": ColwiseParallel(),
         f"{prefix}.mlp.fc2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+        **extra,
     }
 
 
@@ -121,13 +189,19 @@ def vit_plan(model: nn.Module, sequence_parallel: bool = False) -> ModelPlan:
     """The plan of every ucfvit family: encoder ``blocks`` and, if present, ``decoder_blocks``.
 
     Patch embedding, variable aggregation, norms outside blocks, heads and convolutional
-    decoders stay out of tensor parallelism (replicated on tp, sharded by FSDP).
+    decoders stay out of tensor parallelism (replicated on tp, sharded by FSDP). Block options
+    (qk_norm, LayerScale) are read from the first block of each stack.
     """
-    prefixes = ["blocks.*"] + (["decoder_blocks.*"] if len(getattr(model, "decoder_blocks", ())) else [])
+    stacks = {"blocks.*": model.blocks}
+    if len(getattr(model, "decoder_blocks", ())):
+        stacks["decoder_blocks.*"] = model.decoder_blocks
     tp: dict[str, StyleSpec] = {}
-    for prefix in prefixes:
-        tp.update(block_tp_plan(prefix, sequence_parallel))
-    return ModelPlan(tp=tp, blocks=tuple(prefixes))
+    for prefix, blocks in stacks.items():
+        first = blocks[0] if len(blocks) else None
+        qk_norm = first is not None and not isinstance(getattr(first.attn, "q_norm", None), (nn.Identity, type(None)))
+        layer_scale = first is not None and not isinstance(getattr(first, "ls1", None), (nn.Identity, type(None)))
+        tp.update(block_tp_plan(prefix, sequence_parallel, qk_norm=qk_norm, layer_scale=layer_scale))
+    return ModelPlan(tp=tp, blocks=tuple(stacks))
 
 
 _PLANS: dict[type, Callable[[nn.Module, bool], ModelPlan]] = {}
