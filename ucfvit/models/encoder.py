@@ -10,7 +10,9 @@ One tensor-parallel plan and one weight import then work by name for every famil
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -26,11 +28,12 @@ from .embed import (
     rope_angles,
     sincos_embed,
 )
-from .layers import Attention, Block
+from .layers import Attention, AttnBackend, Block
 from .patches import check_patch_grid, to_ntuple
 from .rng import RandomSource, rand
 
-POS_EMBEDS = ("sincos", "learned", "learned_sincos", "none")
+PosEmbed = Literal["sincos", "learned", "learned_sincos", "none"]
+POS_EMBEDS: tuple[str, ...] = typing.get_args(PosEmbed)
 LEARNED_POS_EMBEDS = ("learned", "learned_sincos")
 
 __all__ = ["POS_EMBEDS", "EncoderDecoder", "VisionTransformer", "dropout_scale", "shuffle_indices"]
@@ -80,7 +83,11 @@ class VisionTransformer(nn.Module):
         patch_size: side of a square/cubic patch; ``img_size`` must be divisible by it.
         in_chans: input channels (standard mode).
         ndim: 2 or 3 when ``img_size`` is an int.
-        embed_dim, depth, num_heads, mlp_ratio, qkv_bias: transformer shape.
+        embed_dim: token width of the encoder.
+        depth: encoder blocks.
+        num_heads: attention heads per encoder block (must be divisible by the mesh's tp).
+        mlp_ratio: MLP width of the blocks relative to ``embed_dim``.
+        qkv_bias: biases on the q and v projections (k has none: softmax cancels it).
         drop_path_rate: stochastic depth, linearly increasing over blocks.
         attn_drop_rate: dropout on the attention probabilities of the encoder blocks.
         proj_drop_rate: dropout after ``attn.proj``, after the MLP activation and after ``mlp.fc2``
@@ -92,7 +99,8 @@ class VisionTransformer(nn.Module):
         pos_embed: ``"sincos"`` (fixed buffer), ``"learned"`` (trunc-normal init),
             ``"learned_sincos"`` (learned, initialised with the sin-cos table: UCF-VIT's ``learn``)
             or ``"none"``. Learned tables hold patch rows only (no class-token row) and are resized
-            (bi/trilinear) by ``load_state_dict`` when a checkpoint's grid differs.
+            (bi/trilinear) by ``load_state_dict`` when a checkpoint's grid differs. Adaptive input
+            (SAP always) takes ``"sincos"`` or ``"none"``; default ``"sincos"`` (ViT: ``"learned"``).
         rope: rotary position embedding over the 2D/3D patch coordinates in every block.
         attn_backend: ``"sdpa"``, ``"xformers"`` or ``"math"``.
         variables: names of the input channels the model knows (UCF-VIT's ``default_vars``).
@@ -125,9 +133,9 @@ class VisionTransformer(nn.Module):
         qk_norm: bool = False,
         init_values: float | None = None,
         class_token: bool = True,
-        pos_embed: str = "sincos",
+        pos_embed: PosEmbed = "sincos",
         rope: bool = False,
-        attn_backend: str = "sdpa",
+        attn_backend: AttnBackend = "sdpa",
         variables: Sequence[str] | None = None,
         use_varemb: bool = False,
         single_channel: bool = False,

@@ -17,12 +17,15 @@ rank applies exactly the mask of the single-process run.
 from __future__ import annotations
 
 import math
+import typing
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ATTN_BACKENDS = ("sdpa", "xformers", "math")
+AttnBackend = Literal["sdpa", "xformers", "math"]
+ATTN_BACKENDS: tuple[str, ...] = typing.get_args(AttnBackend)
 
 __all__ = ["ATTN_BACKENDS", "attention", "Attention", "Mlp", "LayerScale", "Block", "drop_path", "apply_rotary"]
 

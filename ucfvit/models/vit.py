@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,8 @@ from .rng import RandomSource
 
 __all__ = ["GLOBAL_POOLS", "ViT"]
 
-GLOBAL_POOLS = ("token", "avg")
+GlobalPool = Literal["token", "avg"]
+GLOBAL_POOLS: tuple[str, ...] = typing.get_args(GlobalPool)
 
 
 class ViT(VisionTransformer):
@@ -33,7 +36,7 @@ class ViT(VisionTransformer):
             default (None): True for ``"avg"``, False for ``"token"``, as timm.
         drop_rate: dropout on the pooled features before ``head`` (drawn from ``rng``).
         patch_drop_rate: in training, keep a random ``max(1, int(N * (1 - rate)))`` of the patch
-            tokens (prefix tokens always kept) before the blocks (timm's PatchDropout).
+            tokens (prefix tokens always kept) before the blocks (timm's PatchDropout); grid input only.
         **encoder_kwargs: see :class:`~ucfvit.models.encoder.VisionTransformer`; ``pos_embed``
             defaults to ``"learned"``.
     """
@@ -42,7 +45,7 @@ class ViT(VisionTransformer):
         self,
         *,
         num_classes: int = 1000,
-        global_pool: str | None = None,
+        global_pool: GlobalPool | None = None,
         fc_norm: bool | None = None,
         drop_rate: float = 0.0,
         patch_drop_rate: float = 0.0,
