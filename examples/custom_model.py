@@ -1,6 +1,6 @@
 """Parallelize your own transformer with a custom tensor-parallel plan.
 
-    torchrun --standalone --nproc_per_node 4 examples/custom_model.py --mesh 1x2x2
+torchrun --standalone --nproc_per_node 4 examples/custom_model.py --mesh 1x2x2
 """
 
 import argparse
@@ -38,8 +38,17 @@ class TinyTransformer(nn.Module):
 
 
 # Module-name patterns ('*' = one name segment) -> "colwise" | "rowwise" | a ParallelStyle.
-PLAN = {f"layers.*.{n}": s for n, s in [("wq", "colwise"), ("wk", "colwise"), ("wv", "colwise"),
-                                         ("wo", "rowwise"), ("up", "colwise"), ("down", "rowwise")]}
+PLAN = {
+    f"layers.*.{n}": s
+    for n, s in [
+        ("wq", "colwise"),
+        ("wk", "colwise"),
+        ("wv", "colwise"),
+        ("wo", "rowwise"),
+        ("up", "colwise"),
+        ("down", "rowwise"),
+    ]
+}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()

@@ -19,7 +19,7 @@ def regions(shape, patch_size: int, corner: int) -> list[tuple[tuple[int, ...], 
     if corner < 0:
         return [(c, p) for c in cells]
     big = tuple(itertools.product(*[(0, half)] * nd))[corner % 2**nd]
-    return [(big, half)] + [(c, p) for c in cells if not all(b <= v < b + half for v, b in zip(c, big))]
+    return [(big, half)] + [(c, p) for c in cells if not all(b <= v < b + half for v, b in zip(c, big, strict=True))]
 
 
 def region_tokens(image: torch.Tensor, parts, patch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -27,7 +27,9 @@ def region_tokens(image: torch.Tensor, parts, patch_size: int) -> tuple[torch.Te
     region resized to ``patch_size`` with F.interpolate (area averaging)."""
     nd = image.ndim - 1
     patches = [
-        F.interpolate(image[(slice(None), *[slice(v, v + side) for v in corner])][None], size=[patch_size] * nd, mode="area")[0]
+        F.interpolate(
+            image[(slice(None), *[slice(v, v + side) for v in corner])][None], size=[patch_size] * nd, mode="area"
+        )[0]
         for corner, side in parts
     ]
     coords = torch.tensor([corner for corner, _ in parts], dtype=torch.long)

@@ -94,7 +94,7 @@ def run_ranks(
             text = [out.decode(errors="replace")[-2000:]]
             for rank in range(world_size):
                 path = os.path.join(tmp, f"rank{rank}.log")
-                log = open(path).read()[-4000:] if os.path.exists(path) else "(no output)"
+                log = pathlib.Path(path).read_text()[-4000:] if os.path.exists(path) else "(no output)"
                 text.append(f"----- rank {rank} -----\n{log}")
             raise RuntimeError(f"{target} on {world_size} ranks failed ({failed}):\n" + "\n".join(text))
         return [json.load(open(os.path.join(tmp, f"rank{r}.json"))) for r in range(world_size)]

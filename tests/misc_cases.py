@@ -71,7 +71,9 @@ def meta_init(family: str, mesh_spec: str) -> dict:
     finite = all(bool(torch.isfinite(_full(p)).all()) for p in model.parameters())
     torch.manual_seed(0)
     ref = build_model(family, "debug", **kwargs)
-    buffers_ok = all(torch.equal(b, rb) for (_, b), (_, rb) in zip(model.named_buffers(), ref.named_buffers()))
+    buffers_ok = all(
+        torch.equal(b, rb) for (_, b), (_, rb) in zip(model.named_buffers(), ref.named_buffers(), strict=True)
+    )
     q_std = _full(model.blocks[0].attn.q.weight).std().item()  # xavier-uniform: sqrt(2 / (fan_in + fan_out))
     set_model_state_dict(model, ref.state_dict(), options=StateDictOptions(full_state_dict=True))
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))

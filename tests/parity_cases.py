@@ -57,7 +57,9 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().float().cpu()
 
 
-def train(model, family: str, rows: range, accum: int, mesh=None, inputs: str | None = None) -> tuple[float, dict, dict]:
+def train(
+    model, family: str, rows: range, accum: int, mesh=None, inputs: str | None = None
+) -> tuple[float, dict, dict]:
     """3 AdamW steps on samples ``rows`` of every global batch, accumulating ``accum`` micro-batches.
 
     Returns the step-1 global loss, step-1 gradients and final parameters, all unsharded."""
@@ -138,7 +140,9 @@ def parity(family: str, cases: list[dict], overrides: dict | None = None, inputs
         references[key] = train(reference, family, range(GLOBAL_BATCH), accum=1, inputs=inputs)
     results = []
     for case, (loss, grads, params) in runs:
-        ref_loss, ref_grads, ref_params = references[json.dumps({**(overrides or {}), **case.get("model", {})}, sort_keys=True)]
+        ref_loss, ref_grads, ref_params = references[
+            json.dumps({**(overrides or {}), **case.get("model", {})}, sort_keys=True)
+        ]
         grad_diff, grad_name = _max_rel(grads, ref_grads)
         param_diff, param_name = _max_abs(params, ref_params)
         results.append({

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from adaptive_cases import quadtree, region_tokens, regions
 from conftest import FAMILIES
 from distributed import run_ranks
 from test_parallel_parity import check
-
 from ucfvit.models import PatchSequence, SampleRNG, build_model, get_family, grid_patches, pad_sequence
 from ucfvit.models.adaptive import paint, region_owner
 from ucfvit.models.layers import attention
@@ -247,7 +247,7 @@ def test_unetr_painting_checks_alignment_and_tiling():
 
 
 def test_paint_copies_each_token_over_its_region():
-    corners, sides = zip(*regions((16, 16), 4, 3))  # big region in the bottom-right quadrant
+    corners, sides = zip(*regions((16, 16), 4, 3), strict=True)  # big region in the bottom-right quadrant
     seq = PatchSequence(torch.zeros(1, 13, 3, 4, 4), torch.tensor([corners]), torch.tensor([sides]))
     tokens = torch.arange(13, dtype=torch.float32).view(1, 13, 1)
     grid = paint(tokens, region_owner(seq, (16, 16), 4), (4, 4))[0, 0]
@@ -264,8 +264,13 @@ def test_adaptive_pos_emb_changes_the_output_and_trains(family):
     learned = build(family, fixed_length=13, use_adaptive_pos_emb=True).eval()
     missing = learned.load_state_dict(fixed.state_dict(), strict=False).missing_keys
     assert missing and all("pos_embed_adaptive" in k for k in missing)
-    gen = lambda: torch.Generator().manual_seed(0)
-    first = lambda out: out[0] if isinstance(out, tuple) else out
+
+    def gen():
+        return torch.Generator().manual_seed(0)
+
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out
+
     with torch.no_grad():
         assert not torch.allclose(first(learned(seq, rng=gen())), first(fixed(seq, rng=gen())), atol=1e-4)
     learned.train()
@@ -295,7 +300,11 @@ def _jobs(world: int) -> list[dict]:
     cases = MESHES[world]
     jobs = [{"family": f, "cases": cases, "overrides": ADAPTIVE, "inputs": QUADTREE} for f in FAMILIES]
     jobs += [
-        {"family": "vit", "cases": cases, "overrides": {**ADAPTIVE, "class_token": False, "use_adaptive_pos_emb": True}},
+        {
+            "family": "vit",
+            "cases": cases,
+            "overrides": {**ADAPTIVE, "class_token": False, "use_adaptive_pos_emb": True},
+        },
         {"family": "mae", "cases": cases, "overrides": {**ADAPTIVE, "use_adaptive_pos_emb": True, "rope": True}},
         *({"family": f, "cases": cases, "overrides": ADAPTIVE_3D} for f in ("mae", "unetr", "sap")),
     ]
@@ -312,7 +321,7 @@ def test_adaptive_training_matches_one_process(world):
     jobs = _jobs(world)
     results = run_ranks(world, "parity_cases:parity_jobs", jobs, timeout=500)[0]
     assert len(results) == len(jobs)
-    for job, result in zip(jobs, results):
+    for job, result in zip(jobs, results, strict=True):
         try:
             check(result)
         except AssertionError as err:

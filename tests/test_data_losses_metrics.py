@@ -6,8 +6,8 @@ import torch
 
 from ucfvit.data import SyntheticImages
 from ucfvit.models import SampleRNG, build_model
-from ucfvit.models.rng import randn
 from ucfvit.models.losses import dice_loss
+from ucfvit.models.rng import randn
 from ucfvit.train.metrics import train_flops_per_sample
 
 
@@ -17,7 +17,9 @@ def test_synthetic_samples_are_a_function_of_seed_and_index():
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(data.sample(8)["image"], a["image"])
     assert not torch.equal(SyntheticImages((16, 16), 2, 3, seed=5).sample(7)["image"], a["image"])
-    assert a["image"].shape == (2, 16, 16) and a["seg"].shape == (16, 16) and set(a["seg"].unique().tolist()) <= {0, 1, 2}
+    assert (
+        a["image"].shape == (2, 16, 16) and a["seg"].shape == (16, 16) and set(a["seg"].unique().tolist()) <= {0, 1, 2}
+    )
     counts = torch.bincount(a["seg"].flatten(), minlength=3)[1:]
     assert int(a["label"]) == int(counts.argmax()) + 1
     batch = data.batch(range(3, 6))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ucfvit.models import DDPMScheduler, build_model, grid_patches
 from conftest import IMG
+from ucfvit.models import DDPMScheduler, build_model, grid_patches
 
 
 # ---------------------------------------------------------------- MAE
@@ -102,8 +102,9 @@ def test_sampling_loop_runs_the_model_every_step():
     model = build_model("diffusion", "debug", img_size=IMG[2], time_steps=5).eval()
     sched = DDPMScheduler(5)
     seen = []
-    sample = sched.sample(lambda x, t: seen.append(int(t[0])) or model(x, t), (2, 3, *IMG[2]),
-                          generator=torch.Generator().manual_seed(0))
+    sample = sched.sample(
+        lambda x, t: seen.append(int(t[0])) or model(x, t), (2, 3, *IMG[2]), generator=torch.Generator().manual_seed(0)
+    )
     assert seen == [4, 3, 2, 1, 0] and sample.shape == (2, 3, *IMG[2]) and sample.isfinite().all()
 
 
@@ -161,6 +162,6 @@ def test_sap_pastes_mixed_region_sizes_into_the_right_place():
     assert dense.shape == (1, 1, 16, 16)
     assert (dense[0, 0, :8, :8] == 0).all()
     for i, (r, c) in enumerate(coords[1:], start=1):
-        assert (dense[0, 0, r:r + 4, c:c + 4] == i).all()
+        assert (dense[0, 0, r : r + 4, c : c + 4] == i).all()
     out = model(torch.randn(1, 13, 3, 4, 4), coords_t, sizes_t)
     assert out.shape == (1, 1, 16, 16) and out.isfinite().all()

@@ -111,7 +111,9 @@ def test_the_readme_lists_every_option_with_where_it_applies():
 
 def test_an_option_the_family_does_not_take_is_an_error_naming_who_does():
     cfg = parse(["--model", "vit", "--arch.mask-ratio", "0.5"])
-    with pytest.raises(ValueError, match=r"--model vit does not take \['mask_ratio'\] \(--arch.mask-ratio applies to mae\)"):
+    with pytest.raises(
+        ValueError, match=r"--model vit does not take \['mask_ratio'\] \(--arch.mask-ratio applies to mae\)"
+    ):
         model_kwargs(cfg)
     assert model_kwargs(parse(["--model", "mae", "--arch.mask-ratio", "0.5"]))["mask_ratio"] == 0.5
 

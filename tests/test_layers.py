@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
+from conftest import FAMILIES, IMG, make_inputs, output_tensor
 from ucfvit.models import build_model, patchify, unpatchify
 from ucfvit.models.embed import VariableAggregation, grid_coords, rope_angles, sincos_embed
 from ucfvit.models.layers import apply_rotary, attention
-from conftest import FAMILIES, IMG, make_inputs, output_tensor
 
 
 def test_sdpa_and_math_backends_agree_in_fp32():
@@ -73,8 +73,9 @@ def test_sincos_grid_matches_the_closed_form():
     t = sincos_embed(torch.tensor([[3.0]]), 4)[0]
     torch.testing.assert_close(t, torch.tensor([math.sin(3.0), math.sin(0.03), math.cos(3.0), math.cos(0.03)]))
     e3 = sincos_embed(torch.tensor([[1.0, 2.0, 3.0]]), 6)[0]  # one frequency per axis
-    torch.testing.assert_close(e3, torch.tensor([math.sin(1.0), math.cos(1.0), math.sin(2.0), math.cos(2.0),
-                                                 math.sin(3.0), math.cos(3.0)]))
+    torch.testing.assert_close(
+        e3, torch.tensor([math.sin(1.0), math.cos(1.0), math.sin(2.0), math.cos(2.0), math.sin(3.0), math.cos(3.0)])
+    )
 
 
 def test_rotary_preserves_norms_and_relative_positions():
@@ -85,7 +86,7 @@ def test_rotary_preserves_norms_and_relative_positions():
     # q.k after rotation depends only on the coordinate difference.
     k = torch.randn(1, 2, 3, 8)
     shifted = rope_angles(coords + torch.tensor([5.0, -2.0]), 8)
-    dot = (apply_rotary(q, (cos, sin)) @ apply_rotary(k, (cos, sin)).transpose(-1, -2))
+    dot = apply_rotary(q, (cos, sin)) @ apply_rotary(k, (cos, sin)).transpose(-1, -2)
     dot_shifted = apply_rotary(q, shifted) @ apply_rotary(k, shifted).transpose(-1, -2)
     torch.testing.assert_close(dot, dot_shifted, rtol=1e-4, atol=1e-5)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ucfvit.models import SampleRNG, build_model, list_models
 from conftest import FAMILIES, IMG, make_inputs, output_tensor
+from ucfvit.models import SampleRNG, build_model, list_models
 
 
 def expected_shape(name: str, model, batch: int) -> tuple[int, ...]:
@@ -62,7 +62,9 @@ def test_drop_path_follows_the_generator():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.allclose(a, c)
     model.eval()  # no drop path in eval: the generator is irrelevant
-    torch.testing.assert_close(model(x, rng=torch.Generator().manual_seed(1)), model(x, rng=torch.Generator().manual_seed(2)))
+    torch.testing.assert_close(
+        model(x, rng=torch.Generator().manual_seed(1)), model(x, rng=torch.Generator().manual_seed(2))
+    )
 
 
 def test_sample_rng_is_independent_of_batch_split():
@@ -86,7 +88,7 @@ def test_meta_build_then_materialise_matches_init(name):
     model.to_empty(device="cpu")
     model.init_weights()
     ref = build_model(name, "debug", img_size=IMG[2])
-    for (n, b), (_, rb) in zip(model.named_buffers(), ref.named_buffers()):
+    for (n, b), (_, rb) in zip(model.named_buffers(), ref.named_buffers(), strict=True):
         torch.testing.assert_close(b, rb, msg=f"buffer {n} not recomputed")
     for n, p in model.named_parameters():
         assert torch.isfinite(p).all(), n
@@ -99,8 +101,18 @@ def test_meta_build_then_materialise_matches_init(name):
 def test_shared_module_names(name):
     """One tensor-parallel plan works by name for every family."""
     names = {n for n, _ in build_model(name, "debug", img_size=IMG[2]).named_modules()}
-    for required in ["patch_embed", "blocks.0.norm1", "blocks.0.attn.q", "blocks.0.attn.k", "blocks.0.attn.v",
-                     "blocks.0.attn.proj", "blocks.0.norm2", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2", "norm"]:
+    for required in [
+        "patch_embed",
+        "blocks.0.norm1",
+        "blocks.0.attn.q",
+        "blocks.0.attn.k",
+        "blocks.0.attn.v",
+        "blocks.0.attn.proj",
+        "blocks.0.norm2",
+        "blocks.0.mlp.fc1",
+        "blocks.0.mlp.fc2",
+        "norm",
+    ]:
         assert required in names, f"{name} lacks {required}"
     if name in ("mae", "diffusion", "sap"):
         assert {"decoder_embed", "decoder_blocks.0.attn.q", "decoder_norm", "decoder_pred"} <= names

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from conftest import FAMILIES, IMG, make_inputs, output_tensor
 from distributed import run_ranks
-
 from ucfvit.models import DDPMScheduler, build_model, grid_patches
 from ucfvit.models.convert import timm_vit_state_dict
 from ucfvit.models.embed import resize_pos_embed
@@ -41,7 +41,7 @@ def test_defaults_equal_every_option_explicitly_off(name):
     off = {**OFF, **(vit_off if name == "vit" else {})}
     base, explicit = _pair(name, **off)
     assert base.state_dict().keys() == explicit.state_dict().keys()
-    for (n, a), (_, b) in zip(base.state_dict().items(), explicit.state_dict().items()):
+    for (n, a), (_, b) in zip(base.state_dict().items(), explicit.state_dict().items(), strict=True):
         assert torch.equal(a, b), n  # same initialisation, nothing added
     x = torch.randn(2, 3, *IMG[2])
     torch.testing.assert_close(_run(base.train(), x), _run(explicit.train(), x), rtol=0, atol=0)

@@ -23,7 +23,10 @@ def test_fsdp_gathers_and_reduce_scatters_per_unit_and_nothing_else():
     # forward: all-gather the root + 3 blocks; backward: re-gather blocks 0 and 1 (the last block
     # and the root are not resharded after forward), one reduce-scatter per unit. No all-reduce
     # (a 2-D mesh with a size-1 replicate dim would add one per unit).
-    assert counts == {"forward": {"_allgather_base_": 4}, "backward": {"_allgather_base_": 2, "_reduce_scatter_base_": 4}}
+    assert counts == {
+        "forward": {"_allgather_base_": 4},
+        "backward": {"_allgather_base_": 2, "_reduce_scatter_base_": 4},
+    }
 
 
 def test_pure_replication_is_one_all_reduce_per_unit():

@@ -99,7 +99,9 @@ def test_parity_more_meshes(family, world):
 
 @pytest.mark.parametrize("world", sorted(OPTION_CASES))
 def test_parity_with_every_new_option(world):
-    jobs = [{"family": family, "cases": OPTION_CASES[world], "overrides": options} for family, options in OPTIONS.items()]
+    jobs = [
+        {"family": family, "cases": OPTION_CASES[world], "overrides": options} for family, options in OPTIONS.items()
+    ]
     results = run_ranks(world, "parity_cases:parity_jobs", jobs, timeout=500)[0]
     assert len(results) == len(OPTIONS)
     for family_results in results:

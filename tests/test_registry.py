@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ucfvit.models import build_model
 from conftest import IMG
+from ucfvit.models import build_model
 
 # Paper figures in millions (ImageNet-1k head, 224 px): DeiT-Ti/S, ViT-B/16, L/16, H/14, ViT-g/14.
 PAPER_PARAMS_M = {"tiny": 5.7, "small": 22.0, "base": 86.0, "large": 307.0, "huge": 632.0, "giant": 1011.0}

@@ -120,8 +120,8 @@ def test_noise_costs_the_local_batch_on_4096_ranks(monkeypatch):
     tensor a draw creates is at most the local batch's noise (before: the global batch's, 512x)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from ucfvit.parallel import make_mesh, sample_rng
     from ucfvit.models import get_family
+    from ucfvit.parallel import make_mesh, sample_rng
 
     if dist.is_initialized():
         pytest.skip("needs a fresh process group")

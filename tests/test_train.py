@@ -44,7 +44,9 @@ def test_weight_decay_skips_biases_norms_and_what_the_model_names():
 
 def test_every_preset_runs_three_steps_in_2d_and_3d(tmp_path):
     results = run_ranks(1, "train_cases:all_presets", 3, str(tmp_path), timeout=400)[0]
-    assert {(r["model"], r["ndim"]) for r in results} == {(m, d) for m in ("vit", "mae", "unetr", "sap", "diffusion") for d in (2, 3)}
+    assert {(r["model"], r["ndim"]) for r in results} == {
+        (m, d) for m in ("vit", "mae", "unetr", "sap", "diffusion") for d in (2, 3)
+    }
     for r in results:
         assert r["steps"] == 3 and math.isfinite(r["loss"]), r
 
@@ -52,14 +54,18 @@ def test_every_preset_runs_three_steps_in_2d_and_3d(tmp_path):
 def test_gradient_accumulation_equals_one_large_batch(tmp_path):
     common = ["--mesh", "1x2x1", "--max-steps", "2", "--data.global-batch-size", "8"]
     big = run_ranks(2, "train_cases:run", "mae", [*common, "--run.dir", str(tmp_path / "a")])[0]
-    acc = run_ranks(2, "train_cases:run", "mae", [*common, "--data.micro-batch-size", "2", "--run.dir", str(tmp_path / "b")])[0]
+    acc = run_ranks(
+        2, "train_cases:run", "mae", [*common, "--data.micro-batch-size", "2", "--run.dir", str(tmp_path / "b")]
+    )[0]
     assert abs(big["loss"] - acc["loss"]) < 1e-6
     for k, v in big["params"].items():
         assert abs(v - acc["params"][k]) <= 1e-5 * max(1.0, abs(v)), k
 
 
 def test_exported_safetensors_reproduce_the_parallel_model(tmp_path):
-    r = run_ranks(4, "train_cases:export_matches", "mae", ["--mesh", "1x2x2", "--max-steps", "2", "--run.dir", str(tmp_path)])[0]
+    r = run_ranks(
+        4, "train_cases:export_matches", "mae", ["--mesh", "1x2x2", "--max-steps", "2", "--run.dir", str(tmp_path)]
+    )[0]
     assert r["plain_is_plain"] and r["diff"] < 1e-5, r
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "model_config.json").is_file()
 
@@ -68,12 +74,27 @@ def test_exported_safetensors_reproduce_the_parallel_model(tmp_path):
     "world, argv, match",
     [
         (2, ["--mesh", "2x2x2"], r"mesh 2x2x2 has 8 ranks but the world size is 2"),
-        (2, ["--mesh", "1x2x1", "--checkpoint.resume", "/nonexistent/ckpt"], r"--checkpoint.resume=/nonexistent/ckpt: no complete checkpoint"),
+        (
+            2,
+            ["--mesh", "1x2x1", "--checkpoint.resume", "/nonexistent/ckpt"],
+            r"--checkpoint.resume=/nonexistent/ckpt: no complete checkpoint",
+        ),
         (2, ["--mesh", "1x2x1", "--run.dir", "/dev/null/run"], r"--run.dir=/dev/null/run is not writable"),
-        (2, ["--mesh", "1x1x2", "--arch.num-heads", "3", "--arch.embed-dim", "48"], r"num_heads=3 .* not divisible by tp=2"),
-        (2, ["--mesh", "1x2x1", "--data.global-batch-size", "5"], r"global-batch-size=5 must be divisible by the data-parallel size"),
-        (2, ["--mesh", "1x1x2", "--parallel.compile", "--parallel.activation-checkpointing", "full"],
-         r"on mesh 1x1x2: activation_checkpointing='full' with compile=True and tp > 1"),
+        (
+            2,
+            ["--mesh", "1x1x2", "--arch.num-heads", "3", "--arch.embed-dim", "48"],
+            r"num_heads=3 .* not divisible by tp=2",
+        ),
+        (
+            2,
+            ["--mesh", "1x2x1", "--data.global-batch-size", "5"],
+            r"global-batch-size=5 must be divisible by the data-parallel size",
+        ),
+        (
+            2,
+            ["--mesh", "1x1x2", "--parallel.compile", "--parallel.activation-checkpointing", "full"],
+            r"on mesh 1x1x2: activation_checkpointing='full' with compile=True and tp > 1",
+        ),
     ],
 )
 def test_bad_options_fail_on_every_rank_before_any_collective(world, argv, match, tmp_path):
@@ -96,8 +117,13 @@ def test_fewer_model_classes_than_data_classes_is_refused(tmp_path):
 
 def test_incompatible_checkpoint_is_refused(tmp_path):
     run_ranks(1, "train_cases:run", "mae", ["--max-steps", "1", "--run.dir", str(tmp_path)])
-    msgs = run_ranks(2, "train_cases:error", "mae", ["--mesh", "1x2x1", "--arch.depth", "3", "--checkpoint.resume",
-                                                     "auto", "--run.dir", str(tmp_path)], timeout=120)
+    msgs = run_ranks(
+        2,
+        "train_cases:error",
+        "mae",
+        ["--mesh", "1x2x1", "--arch.depth", "3", "--checkpoint.resume", "auto", "--run.dir", str(tmp_path)],
+        timeout=120,
+    )
     for msg in msgs:
         assert re.search(r"holds a different model \(arch.depth: checkpoint None, this run 3\)", msg), msg
 
@@ -116,9 +142,27 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path, when):
 
 
 def test_checkpoint_keys_do_not_depend_on_activation_checkpointing_or_compile(tmp_path):
-    plain = run_ranks(2, "train_cases:checkpoint_keys", "vit", ["--mesh", "1x1x2", "--max-steps", "1", "--run.dir", str(tmp_path / "a")])[0]
-    ac = run_ranks(2, "train_cases:checkpoint_keys", "vit", ["--mesh", "1x1x2", "--max-steps", "1", "--run.dir", str(tmp_path / "b"),
-                                                            "--parallel.activation-checkpointing", "full"])[0]
+    plain = run_ranks(
+        2,
+        "train_cases:checkpoint_keys",
+        "vit",
+        ["--mesh", "1x1x2", "--max-steps", "1", "--run.dir", str(tmp_path / "a")],
+    )[0]
+    ac = run_ranks(
+        2,
+        "train_cases:checkpoint_keys",
+        "vit",
+        [
+            "--mesh",
+            "1x1x2",
+            "--max-steps",
+            "1",
+            "--run.dir",
+            str(tmp_path / "b"),
+            "--parallel.activation-checkpointing",
+            "full",
+        ],
+    )[0]
     assert plain == ac and "blocks.0.attn.q.weight" in plain
     saved = json.loads((tmp_path / "a" / "config.json").read_text())
     assert saved["model"] == "vit"

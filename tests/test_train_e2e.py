@@ -3,6 +3,7 @@ SIGKILL, resharding a checkpoint onto other meshes, and SIGTERM (preemption) on 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -34,10 +35,8 @@ def kill_all(proc: subprocess.Popen) -> None:
     workers = _children(proc.pid)
     os.killpg(proc.pid, signal.SIGKILL)
     for pid in workers:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     proc.wait()
     while any(_running(pid) for pid in workers):
         time.sleep(0.01)
@@ -100,7 +99,12 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert killed_at is not None and int(killed_at.name.split("-")[1]) < 30, "the run must die before its end"
     assert not (run_dir / "model.safetensors").exists()
     log2 = tmp_path / "resume.txt"
-    text = wait(torchrun(2, [*argv, "--checkpoint.every", str(n), "--checkpoint.resume", "auto", "--run.dir", str(run_dir)], log2), log2)
+    text = wait(
+        torchrun(
+            2, [*argv, "--checkpoint.every", str(n), "--checkpoint.resume", "auto", "--run.dir", str(run_dir)], log2
+        ),
+        log2,
+    )
     assert f"resumed from {killed_at}" in text
 
     ref, run = losses(ref_dir), losses(run_dir)
@@ -141,7 +145,18 @@ def _children(pid: int) -> list[int]:
 
 def test_sigterm_on_one_rank_saves_an_agreed_checkpoint_and_exits_cleanly(tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "log.txt"
-    argv = ["--model", "vit", "--mesh", "1x1x2", "--max-steps", "100000", "--metrics.log-every", "1", "--run.dir", str(run_dir)]
+    argv = [
+        "--model",
+        "vit",
+        "--mesh",
+        "1x1x2",
+        "--max-steps",
+        "100000",
+        "--metrics.log-every",
+        "1",
+        "--run.dir",
+        str(run_dir),
+    ]
     proc = torchrun(2, argv, log)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -157,6 +172,14 @@ def test_sigterm_on_one_rank_saves_an_agreed_checkpoint_and_exits_cleanly(tmp_pa
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert f"stop requested: saved step {state['step']}" in text
     assert 3 <= state["step"] < 100000 and state["data_offset"] == state["step"] * 16
-    out = run_ranks(2, "train_cases:run", "vit", [*argv[:4], "--max-steps", str(state["step"] + 1), "--checkpoint.resume",
-                                                  "auto", "--run.dir", str(run_dir)])[0]  # fmt: skip
+    resume = [
+        *argv[:4],
+        "--max-steps",
+        str(state["step"] + 1),
+        "--checkpoint.resume",
+        "auto",
+        "--run.dir",
+        str(run_dir),
+    ]
+    out = run_ranks(2, "train_cases:run", "vit", resume)[0]
     assert out["steps"] == state["step"] + 1

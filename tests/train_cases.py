@@ -6,15 +6,14 @@ import os
 import signal
 
 import torch
+import tyro
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from ucfvit.parallel import full_state_dict
 from ucfvit.train import checkpoint as ckpt_module
+from ucfvit.train.config import Config
 from ucfvit.train.presets import preset
 from ucfvit.train.trainer import load_exported, train
-
-import tyro
-from ucfvit.train.config import Config
 
 
 def config(model: str, argv: list[str]) -> Config:
@@ -45,8 +44,21 @@ def all_presets(steps: int, run_dir: str) -> list[dict]:
     out = []
     for model in ("vit", "mae", "unetr", "sap", "diffusion"):
         for img in (["32", "32"], ["16", "16", "16"]):
-            result = train(config(model, ["--max-steps", str(steps), "--arch.img-size", *img,
-                                          "--run.dir", f"{run_dir}/{model}-{len(img)}d", "--metrics.log-every", "1"]))
+            result = train(
+                config(
+                    model,
+                    [
+                        "--max-steps",
+                        str(steps),
+                        "--arch.img-size",
+                        *img,
+                        "--run.dir",
+                        f"{run_dir}/{model}-{len(img)}d",
+                        "--metrics.log-every",
+                        "1",
+                    ],
+                )
+            )
             out.append({"model": model, "ndim": len(img), "steps": result.steps_done, "loss": result.last_loss})
     return out
 
@@ -63,8 +75,10 @@ def export_matches(model: str, argv: list[str]) -> dict:
     plain = load_exported(result.run_dir).eval()
     ref = plain(x, rng=torch.Generator().manual_seed(1))
     ref = ref[0] if isinstance(ref, tuple) else ref
-    return {"diff": (out - ref).abs().max().item(), "plain_is_plain": not any(
-        type(p).__name__ == "DTensor" for p in plain.parameters())}
+    return {
+        "diff": (out - ref).abs().max().item(),
+        "plain_is_plain": not any(type(p).__name__ == "DTensor" for p in plain.parameters()),
+    }
 
 
 def crash_during_save(model: str, argv: list[str], when: str) -> None:

@@ -137,11 +137,14 @@ def check_sequence(model: nn.Module, x) -> None:
         )
     if tuple(coords.shape) != (b, length, nd) or tuple(sizes.shape) != (b, length):
         raise ValueError(
-            f"coords {tuple(coords.shape)} and sizes {tuple(sizes.shape)} must be ({b}, {length}, {nd}) and ({b}, {length})"
+            f"coords {tuple(coords.shape)} and sizes {tuple(sizes.shape)} must be ({b}, {length}, {nd}) "
+            f"and ({b}, {length})"
         )
     if valid is not None:
         if valid.dtype != torch.bool or tuple(valid.shape) != (b, length):
-            raise ValueError(f"valid must be a bool tensor of shape ({b}, {length}), got {valid.dtype} {tuple(valid.shape)}")
+            raise ValueError(
+                f"valid must be a bool tensor of shape ({b}, {length}), got {valid.dtype} {tuple(valid.shape)}"
+            )
         if not bool(valid.any(dim=1).all()):
             raise ValueError("every sample needs at least one valid token (valid is all False in some row)")
 

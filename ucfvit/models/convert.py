@@ -30,7 +30,7 @@ def timm_vit_state_dict(state: dict[str, torch.Tensor], num_prefix_tokens: int =
     for name, value in state.items():
         if name.endswith("attn.qkv.weight"):
             base = name[: -len("qkv.weight")]
-            for part, chunk in zip("qkv", value.chunk(3, dim=0)):
+            for part, chunk in zip("qkv", value.chunk(3, dim=0), strict=True):
                 out[f"{base}{part}.weight"] = chunk.clone()
         elif name.endswith("attn.qkv.bias"):
             base = name[: -len("qkv.bias")]

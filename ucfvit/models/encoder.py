@@ -155,7 +155,9 @@ class VisionTransformer(nn.Module):
         if fixed_length is not None and (fixed_length <= 0 or not adaptive_patching):
             raise ValueError(f"fixed_length={fixed_length} must be positive and needs adaptive_patching=True")
         if use_adaptive_pos_emb and not adaptive_patching:
-            raise ValueError("use_adaptive_pos_emb=True embeds adaptive patch positions: it needs adaptive_patching=True")
+            raise ValueError(
+                "use_adaptive_pos_emb=True embeds adaptive patch positions: it needs adaptive_patching=True"
+            )
         if fixed_length is not None:
             self.num_patches = fixed_length  # tokens per sample: what FLOP and token counts use
         for name, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)):
@@ -252,7 +254,12 @@ class VisionTransformer(nn.Module):
 
         Linears are Xavier-uniform as in the MAE reference; ``q``, ``k`` and ``v`` get the bound of
         the reference's fused (3D, D) ``qkv`` weight."""
-        qkv = {id(lin): 3 * lin.weight.shape[0] for m in self.modules() if isinstance(m, Attention) for lin in (m.q, m.k, m.v)}
+        qkv = {
+            id(lin): 3 * lin.weight.shape[0]
+            for m in self.modules()
+            if isinstance(m, Attention)
+            for lin in (m.q, m.k, m.v)
+        }
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 _init_linear_like(module.weight, module.bias, qkv.get(id(module)))
@@ -513,7 +520,11 @@ class EncoderDecoder(VisionTransformer):
         return pred.unflatten(-1, (-1, self.out_chans)).index_select(-1, idx).flatten(-2)
 
     def decode(
-        self, x: torch.Tensor, coords: torch.Tensor | None, pos: torch.Tensor | None = None, valid: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        coords: torch.Tensor | None,
+        pos: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decoder-width tokens (B, P+N, Dd) -> predictions (B, N, out_dim) with prefix dropped.
 

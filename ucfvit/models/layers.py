@@ -110,7 +110,9 @@ class Attention(nn.Module):
     the latter without bias, which softmax would cancel).
     """
 
-    def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, qk_norm: bool = False, backend: str = "sdpa"):
+    def __init__(
+        self, dim: int, num_heads: int, *, qkv_bias: bool = True, qk_norm: bool = False, backend: str = "sdpa"
+    ):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"embed_dim={dim} must be divisible by num_heads={num_heads}")
@@ -164,7 +166,9 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
 
-    def forward(self, x: torch.Tensor, hidden_scale: torch.Tensor | None = None, hidden_offset: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, hidden_scale: torch.Tensor | None = None, hidden_offset: int = 0
+    ) -> torch.Tensor:
         """``hidden_scale`` (B, N, hidden) multiplies the activations (dropout); this module computes
         hidden features ``hidden_offset:hidden_offset + local features`` of them."""
         h = self.act(self.fc1(x))

@@ -53,5 +53,5 @@ def unpatchify(tokens: torch.Tensor, patch_size: int, img_size: Sequence[int]) -
     grid = check_patch_grid(img_size, patch_size)
     image, pattern = _pattern(ndim)
     sizes = {f"p{a}": patch_size for a in _SPATIAL[:ndim]}
-    sizes.update({a: g for a, g in zip(_SPATIAL, grid)})
+    sizes.update({a: g for a, g in zip(_SPATIAL, grid, strict=False)})  # grid has 2 or 3 axes
     return rearrange(tokens, f"{pattern} -> {image}", **sizes)

@@ -90,6 +90,4 @@ def _segmentation_loss(model: SAP, batch, rng: RandomSource, extra) -> torch.Ten
     return segmentation_loss(model(*_patch_input(model, batch), rng=rng), batch["seg"])
 
 
-register_family(
-    FamilySpec("sap", SAP, loss=_segmentation_loss, inputs=_patch_input, recipe={"arch.num_classes": 3})
-)
+register_family(FamilySpec("sap", SAP, loss=_segmentation_loss, inputs=_patch_input, recipe={"arch.num_classes": 3}))

@@ -93,10 +93,8 @@ class ViT(VisionTransformer):
         """Encoder output (B, P+N, D) -> pooled features (B, D), normalised by ``fc_norm`` if on;
         ``avg`` averages the valid patch tokens (``valid`` (B, N) bool, None: all)."""
         if self.global_pool == "token":
-            pooled = tokens[:, 0]
-        else:
-            pooled = masked_mean(tokens[:, self.num_prefix_tokens :], valid)
-        return self.fc_norm(pooled)
+            return self.fc_norm(tokens[:, 0])
+        return self.fc_norm(masked_mean(tokens[:, self.num_prefix_tokens :], valid))
 
     def forward(
         self, x: torch.Tensor, variables: Sequence[str] | None = None, *, rng: RandomSource = None

@@ -154,7 +154,9 @@ def block_tp_plan(
     if not sequence_parallel:
         return {
             f"{prefix}.attn": Compose(
-                PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),), use_local_output=False),
+                PrepareModuleInput(
+                    input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),), use_local_output=False
+                ),
                 heads,
             ),
             f"{prefix}.attn.q": ColwiseParallel(),

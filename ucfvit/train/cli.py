@@ -28,7 +28,9 @@ def cli_config_class() -> type[Config]:
     """:class:`Config` with ``model`` narrowed to the families registered now (tyro shows them as choices)."""
     names = tuple(list_models())
     model_type = Annotated[Literal[names], tyro.conf.arg(help="Model family (picks the recipe).")]  # type: ignore[valid-type]
-    return dataclasses.make_dataclass("Config", [("model", model_type, dataclasses.field(default="mae"))], bases=(Config,))
+    return dataclasses.make_dataclass(
+        "Config", [("model", model_type, dataclasses.field(default="mae"))], bases=(Config,)
+    )
 
 
 def _as(cls: type[Config], cfg: Config) -> Config:
@@ -49,13 +51,20 @@ def parse(argv: Sequence[str], description: str | None = None) -> Config:
     known, _ = pre.parse_known_args(argv)
     if known.config is not None:
         defaults = load_config(known.config)
-        for flag, value, saved in (("--model", known.model, defaults.model), ("--model-size", known.model_size, defaults.model_size)):
+        for flag, value, saved in (
+            ("--model", known.model, defaults.model),
+            ("--model-size", known.model_size, defaults.model_size),
+        ):
             if value is not None and value != saved:
                 raise ValueError(
                     f"{flag} {value} contradicts --config {known.config} ({flag} {saved}): its arch options belong "
                     f"to {saved}; drop {flag}, or start from the recipe without --config"
                 )
-        index = argv.index("--config") if "--config" in argv else next(i for i, a in enumerate(argv) if a.startswith("--config="))
+        index = (
+            argv.index("--config")
+            if "--config" in argv
+            else next(i for i, a in enumerate(argv) if a.startswith("--config="))
+        )
         del argv[index : index + (1 if "=" in argv[index] else 2)]
     else:
         defaults = preset(known.model or "mae", known.model_size)

@@ -154,7 +154,9 @@ def config_from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ValueError(f"config has unknown field(s) {[where + k for k in unknown]}; known: {[where + k for k in known]}")
+        raise ValueError(
+            f"config has unknown field(s) {[where + k for k in unknown]}; known: {[where + k for k in known]}"
+        )
     hints = typing.get_type_hints(cls, include_extras=False)
     values = {}
     for name, value in data.items():

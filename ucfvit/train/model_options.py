@@ -64,7 +64,11 @@ def _cli_type(annotation: Any) -> Any | None:
 
     Sequences become ``tuple[X, ...]`` (``int | Sequence[int]`` too); scalars and Literals stay.
     """
-    members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    members = (
+        typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        else (annotation,)
+    )
     members = tuple(m for m in members if m is not type(None))
     for member in members:
         if typing.get_origin(member) in (Sequence, list, tuple) or member in (Sequence, list, tuple):
@@ -99,10 +103,7 @@ def collect_options(families: Iterable[FamilySpec]) -> dict[str, OptionInfo]:
                     helps[name] = docs[name]
                 if spec.name not in users.setdefault(name, []):
                     users[name].append(spec.name)
-    return {
-        name: OptionInfo(name, t, helps.get(name, ""), tuple(users[name]))
-        for name, t in types_.items()
-    }
+    return {name: OptionInfo(name, t, helps.get(name, ""), tuple(users[name])) for name, t in types_.items()}
 
 
 def make_arch_config(options: Mapping[str, OptionInfo]) -> type:
@@ -112,7 +113,9 @@ def make_arch_config(options: Mapping[str, OptionInfo]) -> type:
     for info in options.values():
         where = "all families" if set(info.families) == everyone else ", ".join(info.families)
         text = f"{info.help} [{where}]".strip() if info.help else f"[{where}]"
-        fields.append((info.name, Annotated[info.type | None, tyro.conf.arg(help=text)], dataclasses.field(default=None)))
+        fields.append(
+            (info.name, Annotated[info.type | None, tyro.conf.arg(help=text)], dataclasses.field(default=None))
+        )
     cls = dataclasses.make_dataclass("ArchConfig", fields)
     cls.__doc__ = "Model constructor options (None: the family's default at --model-size; [families that take it])."
     cls.__module__ = __name__
@@ -132,4 +135,3 @@ def options_table(options: Mapping[str, OptionInfo]) -> str:
         where = "all" if set(info.families) == everyone else ", ".join(info.families)
         rows.append(f"| `{info.name}` | {kind} | {where} | {info.help.replace('|', chr(92) + '|')} |")
     return "\n".join(rows)
-

@@ -26,8 +26,15 @@ from ucfvit.data import SyntheticImages
 from ucfvit.models import FamilySpec, build_model, get_family
 from ucfvit.models.registry import model_arguments
 from ucfvit.parallel import (
-    MeshShape, check_parallelizable, clip_grad_norm_, full_state_dict, local_batch_range, make_mesh, parallelize,
-    parse_mesh, sample_rng,
+    MeshShape,
+    check_parallelizable,
+    clip_grad_norm_,
+    full_state_dict,
+    local_batch_range,
+    make_mesh,
+    parallelize,
+    parse_mesh,
+    sample_rng,
 )  # fmt: skip
 from ucfvit.parallel.mesh import world_size
 
@@ -77,8 +84,12 @@ def model_kwargs(cfg: Config) -> dict:
     values = {k: v for k, v in vars(cfg.arch).items() if v is not None}
     stray = sorted(set(values) - accepted)
     if stray:
-        where = "; ".join(f"--arch.{k.replace('_', '-')} applies to {', '.join(_families_taking(k)) or 'no family'}" for k in stray)
-        raise ValueError(f"--model {cfg.model} does not take {stray} ({where}); remove the option or pick another --model")
+        where = "; ".join(
+            f"--arch.{k.replace('_', '-')} applies to {', '.join(_families_taking(k)) or 'no family'}" for k in stray
+        )
+        raise ValueError(
+            f"--model {cfg.model} does not take {stray} ({where}); remove the option or pick another --model"
+        )
     return values
 
 
@@ -142,7 +153,9 @@ def validate_config(cfg: Config) -> RunPlan:
     else:
         ckpt = find_checkpoint(Path(resume))
         if ckpt is None:
-            raise ValueError(f"--checkpoint.resume={resume}: no complete checkpoint there (use 'auto' to start fresh if none)")
+            raise ValueError(
+                f"--checkpoint.resume={resume}: no complete checkpoint there (use 'auto' to start fresh if none)"
+            )
     if ckpt is not None:
         _check_compatible(cfg, ckpt, model_arguments(spec.model))
     return RunPlan(spec=spec, shape=shape, model=model, checkpoint=ckpt, run_dir=run_dir)
@@ -151,7 +164,11 @@ def validate_config(cfg: Config) -> RunPlan:
 def _check_compatible(cfg: Config, ckpt: Path, accepted: set[str]) -> None:
     saved = read_checkpoint_config(ckpt)
     mine = cfg.to_dict()
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {mine[k]!r}" for k in ("model", "model_size") if saved.get(k) != mine[k]]
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r}, this run {mine[k]!r}"
+        for k in ("model", "model_size")
+        if saved.get(k) != mine[k]
+    ]
     diffs += [
         f"arch.{k}: checkpoint {saved.get('arch', {}).get(k)!r}, this run {value!r}"
         for k, value in mine["arch"].items()
@@ -159,8 +176,7 @@ def _check_compatible(cfg: Config, ckpt: Path, accepted: set[str]) -> None:
     ]
     if diffs:
         raise ValueError(
-            f"checkpoint {ckpt} holds a different model ({'; '.join(diffs)}); "
-            "pass matching options or a new --run.dir"
+            f"checkpoint {ckpt} holds a different model ({'; '.join(diffs)}); pass matching options or a new --run.dir"
         )
 
 
@@ -201,7 +217,11 @@ def train(cfg: Config) -> TrainResult:
         print(json.dumps(cfg.to_dict(), indent=2), flush=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
-    param_dtype = {"float32": None, "bfloat16": torch.bfloat16, "auto": torch.bfloat16 if device_type == "cuda" else None}
+    param_dtype = {
+        "float32": None,
+        "bfloat16": torch.bfloat16,
+        "auto": torch.bfloat16 if device_type == "cuda" else None,
+    }
     parallelize(
         model, mesh,
         param_dtype=param_dtype[cfg.parallel.param_dtype],
@@ -258,7 +278,9 @@ def train(cfg: Config) -> TrainResult:
             for m in range(accum):
                 start = rows.start + m * micro
                 offset = data_offset(step) + start  # global index of the micro-batch's first sample
-                batch = {k: v.to(device, non_blocking=True) for k, v in data.batch(range(offset, offset + micro)).items()}
+                batch = {
+                    k: v.to(device, non_blocking=True) for k, v in data.batch(range(offset, offset + micro)).items()
+                }
                 if accum > 1:
                     model.set_requires_gradient_sync(m == accum - 1)
                 rng = sample_rng(mesh, cfg.run.seed, step, global_batch, micro_start=m * micro)
