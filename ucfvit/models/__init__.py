@@ -4,16 +4,20 @@ Importing this package registers the built-in families (each module ends with it
 ``register_family`` call), in the order of ``list_models()``.
 """
 
-from .adaptive import PatchSequence, pad_sequence
-from .diffusion import DDPMScheduler, DiffusionViT
-from .encoder import EncoderDecoder, VisionTransformer
+# Import order = registration order = list_models() order.
+# isort: off
+from .vit import ViT
 from .mae import MAE
+from .unetr import UNETR
+from .sap import SAP, grid_patches
+from .diffusion import DDPMScheduler, DiffusionViT
+
+# isort: on
+from .adaptive import PatchSequence, pad_sequence
+from .encoder import EncoderDecoder, VisionTransformer
 from .patches import patchify, unpatchify
 from .registry import FAMILIES, SIZES, FamilySpec, build_model, get_family, list_models, list_sizes, register_family
 from .rng import SampleRNG
-from .sap import SAP, grid_patches
-from .unetr import UNETR
-from .vit import ViT  # noqa: I001  (import order = registration order = list_models() order)
 
 __all__ = [
     "DDPMScheduler", "DiffusionViT", "EncoderDecoder", "FAMILIES", "FamilySpec", "MAE", "PatchSequence", "SAP", "SIZES",
