@@ -1,10 +1,12 @@
 """SAP: symmetric adaptive patching for dense segmentation (Zhang et al., 2024).
 
-An image is cut (e.g. by a quadtree, see ``ucfvit.data``) into a fixed number ``L`` of square
-(cubic) regions of varying side, each resized to ``patch_size``. The model embeds these patches
-with their continuous positions and sizes, predicts ``num_classes`` logits for every pixel of
-every resized patch, and pastes each prediction back, resized to its region: the de-patching
-mirrors the patching, so the output is a dense map of the original image size.
+An image is cut into a fixed number ``L`` of square (cubic) regions of varying side, each resized
+to ``patch_size``, given as a :class:`~ucfvit.models.adaptive.PatchSequence`. A quadtree/octree
+patcher is meant to produce the regions; today :func:`grid_patches` gives the regular-grid case
+(every region of side ``patch_size``) and any caller may build sequences of mixed sizes. The
+model embeds these patches with their continuous positions and sizes, predicts ``num_classes``
+logits for every pixel of every resized patch, and pastes each prediction back, resized to its
+region: the de-patching mirrors the patching, so the output is a dense map of the original image.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Crash-safe distributed checkpoints that reshard across meshes, and safetensors export.
+"""Crash-safe distributed checkpoints that reshard across meshes.
 
 Layout of ``<run.dir>/checkpoints``::
 
@@ -9,8 +9,10 @@ Layout of ``<run.dir>/checkpoints``::
 A checkpoint is written to ``step-N.tmp/`` and renamed only when every rank has finished, then
 ``latest`` moves and old checkpoints are pruned: a crash at any moment leaves the previous
 checkpoint loadable. Model and optimizer tensors go through DCP (which reshards them onto any
-mesh); everything else is JSON (never unpickled). The data position is a global sample offset,
-valid on any mesh.
+mesh); the trainer state and config are JSON. DCP itself stores its ``.metadata`` (and any
+non-tensor optimizer values) as pickles, which ``dcp.load`` unpickles: load only checkpoints you
+trust. The data position is a global sample offset, valid on any mesh. Single-file safetensors
+export lives in :mod:`ucfvit.train.trainer` (``export_safetensors``, ``load_exported``).
 """
 
 from __future__ import annotations
