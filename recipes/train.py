@@ -15,11 +15,15 @@ from __future__ import annotations
 import sys
 
 from ucfvit.train.cli import parse
+from ucfvit.train.config import ConfigError
 from ucfvit.train.trainer import train
 
 
 def main(argv: list[str] | None = None) -> None:
-    train(parse(sys.argv[1:] if argv is None else argv, description=__doc__))
+    try:
+        train(parse(sys.argv[1:] if argv is None else argv, description=__doc__))
+    except ConfigError as err:  # a bad option: one line naming it, no traceback
+        sys.exit(f"recipes/train.py: error: {err}")
 
 
 if __name__ == "__main__":

@@ -144,6 +144,10 @@ def test_a_saved_config_loads_back_as_the_defaults(tmp_path):
         ('{"model": "mae", "optim": {"lr": 1, "momentum": 0.9}}', r"unknown field\(s\) \['optim.momentum'\]"),
         ("{not json", "not valid JSON"),
         ('{"arch": 3}', r"field arch: expected a mapping, got int"),
+        ('{"arch": {"depth": "deep"}}', r"field arch.depth: 'deep' is not of type int \| None"),
+        ('{"arch": {"img_size": [32, "x"]}}', r"field arch.img_size: \(32, 'x'\) is not of type tuple\[int, \.\.\.\]"),
+        ('{"optim": {"lr": true}}', r"field optim.lr: True is not of type float"),
+        ('{"parallel": {"param_dtype": "float64"}}', r"field parallel.param_dtype: 'float64' is not of type Literal"),
     ],
 )
 def test_a_bad_config_file_is_a_clear_error(tmp_path, text, match):
@@ -153,6 +157,19 @@ def test_a_bad_config_file_is_a_clear_error(tmp_path, text, match):
         load_config(path)
     with pytest.raises(ValueError, match="cannot read it"):
         load_config(tmp_path / "missing.json")
+
+
+def test_the_recipe_reports_a_bad_option_in_one_line_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(Path(__file__).parents[1] / "recipes" / "train.py"), "--model", "vit"]
+    out = subprocess.run([*cmd, "--arch.mask-ratio", "0.5", "--run.dir", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "recipes/train.py: error: --model vit does not take ['mask_ratio'] (--arch.mask-ratio applies to mae); "
+        "remove the option or pick another --model"
+    ]
 
 
 def test_spec_inputs_and_extra_of_the_built_in_families():

@@ -374,5 +374,5 @@ def test_sap_variable_options():
     one = grid_patches(torch.randn(2, 1, *IMG[2]), 4)
     assert not torch.allclose(single(one, variables=["ct"]), single(one, variables=["mri"]))
     for kind in ("learned", "learned_sincos"):
-        with pytest.raises(ValueError, match=f"pos_embed='{kind}'.*continuous positions"):
+        with pytest.raises(ValueError, match=f"SAP does not support pos_embed='{kind}'.*continuous positions"):
             build_model("sap", "debug", pos_embed=kind)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from .adaptive import PatchSequence, batch_sequence, decoder_positions, grid_patches, is_sequence, paste, token_layout
-from .encoder import EncoderDecoder
+from .encoder import LEARNED_POS_EMBEDS, EncoderDecoder
 from .losses import segmentation_loss
 from .registry import FamilySpec, register_family
 from .rng import RandomSource
@@ -44,6 +44,12 @@ class SAP(EncoderDecoder):
     def __init__(self, *, num_classes: int = 2, fixed_length: int | None = None, **kwargs):
         if num_classes <= 0:
             raise ValueError(f"num_classes={num_classes} must be positive")
+        if kwargs.get("pos_embed") in LEARNED_POS_EMBEDS:
+            raise ValueError(
+                f"SAP does not support pos_embed={kwargs['pos_embed']!r}: its regions have continuous positions and "
+                "sizes, not grid rows; use pos_embed='sincos' (fixed), use_adaptive_pos_emb=True (learned) or "
+                "pos_embed='none' with rope=True"
+            )
         kwargs.setdefault("class_token", False)
         kwargs["adaptive_patching"] = True
         super().__init__(out_chans=num_classes, fixed_length=fixed_length, **kwargs)

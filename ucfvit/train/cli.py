@@ -18,7 +18,7 @@ import tyro
 
 from ucfvit.models import list_models
 
-from .config import Config, load_config
+from .config import Config, ConfigError, load_config
 from .presets import preset
 
 __all__ = ["parse", "cli_config_class"]
@@ -56,7 +56,7 @@ def parse(argv: Sequence[str], description: str | None = None) -> Config:
             ("--model-size", known.model_size, defaults.model_size),
         ):
             if value is not None and value != saved:
-                raise ValueError(
+                raise ConfigError(
                     f"{flag} {value} contradicts --config {known.config} ({flag} {saved}): its arch options belong "
                     f"to {saved}; drop {flag}, or start from the recipe without --config"
                 )

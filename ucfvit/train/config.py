@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,13 @@ from ucfvit.models import FAMILIES, SIZES
 
 from .model_options import collect_options, make_arch_config
 
-__all__ = ["ARCH_OPTIONS", "ArchConfig", "Config", "config_from_dict", "load_config"]
+__all__ = ["ARCH_OPTIONS", "ArchConfig", "Config", "ConfigError", "config_from_dict", "load_config"]
+
+
+class ConfigError(ValueError):
+    """A bad training option or config file; the message names the option and the fix.
+    ``recipes/train.py`` prints it as one line instead of a traceback."""
+
 
 ARCH_OPTIONS = collect_options(FAMILIES.values())
 ArchConfig = make_arch_config(ARCH_OPTIONS)
@@ -150,11 +157,11 @@ def config_from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Build dataclass ``cls`` from a JSON-style dict (lists become tuples, nested dicts nested
     dataclasses). Unknown keys are an error that names them; missing keys keep their defaults."""
     if not isinstance(data, dict):
-        raise ValueError(f"field {where.rstrip('.') or '(top level)'}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"field {where.rstrip('.') or '(top level)'}: expected a mapping, got {type(data).__name__}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"config has unknown field(s) {[where + k for k in unknown]}; known: {[where + k for k in known]}"
         )
     hints = typing.get_type_hints(cls, include_extras=False)
@@ -163,13 +170,41 @@ def config_from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
         kind = hints[name]
         if dataclasses.is_dataclass(kind):
             values[name] = config_from_dict(kind, value, f"{where}{name}.")
-        elif kind is Path:
+        elif kind is Path and isinstance(value, str):
             values[name] = Path(value)
-        elif isinstance(value, list):
-            values[name] = tuple(value)
         else:
+            value = tuple(value) if isinstance(value, list) else value
+            if not _matches(value, kind):
+                raise ConfigError(f"field {where}{name}: {value!r} is not of type {_type_name(kind)}")
             values[name] = value
     return cls(**values)
+
+
+def _matches(value: Any, kind: Any) -> bool:
+    """Whether a JSON-loaded ``value`` fits the field type ``kind`` (scalars, Literals, Optionals, tuples)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Any:
+        return True
+    if origin is Literal:
+        return value in args
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        return len(items) == len(value) and all(map(_matches, value, items))
+    if kind is type(None):
+        return value is None
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind) if isinstance(kind, type) else True
+
+
+def _type_name(kind: Any) -> str:
+    return str(kind).replace("typing.", "") if not isinstance(kind, type) else kind.__name__
 
 
 def load_config(path: str | Path) -> Config:
@@ -180,19 +215,19 @@ def load_config(path: str | Path) -> Config:
     try:
         text = path.read_text()
     except OSError as err:
-        raise ValueError(f"--config {path}: cannot read it ({err.strerror})") from err
+        raise ConfigError(f"--config {path}: cannot read it ({err.strerror})") from err
     if path.suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError as err:
-            raise ValueError(f"--config {path}: YAML needs PyYAML (pip install pyyaml), or pass a .json file") from err
+            raise ConfigError(f"--config {path}: YAML needs PyYAML (pip install pyyaml), or pass a .json file") from err
         data = yaml.safe_load(text)
     else:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"--config {path}: not valid JSON ({err})") from err
+            raise ConfigError(f"--config {path}: not valid JSON ({err})") from err
     try:
         return Config.from_dict(data)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"--config {path}: {err}") from err
+        raise ConfigError(f"--config {path}: {err}") from err

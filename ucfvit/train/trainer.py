@@ -39,7 +39,7 @@ from ucfvit.parallel import (
 from ucfvit.parallel.mesh import world_size
 
 from .checkpoint import Checkpointer, decode_rng, encode_rng, find_checkpoint, read_checkpoint_config
-from .config import ARCH_OPTIONS, Config
+from .config import ARCH_OPTIONS, Config, ConfigError
 from .metrics import Throughput, append_jsonl, format_progress, peak_flops, train_flops_per_sample
 from .optim import build_optimizer, lr_at
 
@@ -100,8 +100,18 @@ def _families_taking(option: str) -> tuple[str, ...]:
 def validate_config(cfg: Config) -> RunPlan:
     """Every check that needs no communication, and the model built once on the meta device.
 
-    Runs on every rank before the first collective, so a bad option fails everywhere at once.
+    Runs on every rank before the first collective, so a bad option fails everywhere at once,
+    as a :class:`~ucfvit.train.config.ConfigError` (a ValueError) naming the option.
     """
+    try:
+        return _resolve(cfg)
+    except ConfigError:
+        raise
+    except ValueError as err:  # from the model constructors, mesh parsing and parallelize's checks
+        raise ConfigError(str(err)) from err
+
+
+def _resolve(cfg: Config) -> RunPlan:
     spec = get_family(cfg.model)
     shape = parse_mesh(cfg.mesh, world_size())
     if cfg.max_steps <= 0:
