@@ -217,7 +217,7 @@ def train(cfg: Config) -> TrainResult:
     """Run (or resume) the training described by ``cfg``; see the module doc."""
     plan = validate_config(cfg)
     ckpt, model = plan.checkpoint, plan.model
-    mesh = make_mesh(cfg.mesh)
+    mesh = make_mesh(plan.shape)
     rank = dist.get_rank()
     device_type = mesh.device_type
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
