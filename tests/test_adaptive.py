@@ -328,3 +328,18 @@ def test_adaptive_training_matches_one_process(world):
             check(result)
         except AssertionError as err:
             raise AssertionError(f"{job['family']} {job['overrides']}: {err}") from None
+
+
+@pytest.mark.parametrize("family", ["mae", "diffusion"])
+def test_adaptive_variable_embedding_predicts_the_input_channels(family):
+    """With use_varemb the decoder predicts every declared variable; a sequence of a subset of them
+    gets its own channels back, as images do."""
+    model = build_model(
+        family, "debug", img_size=16, adaptive_patching=True, use_varemb=True, variables=["a", "b", "c", "d"]
+    )
+    seq = grid_patches(torch.randn(2, 2, 16, 16), 4)
+    args = (seq, torch.tensor([3, 9])) if family == "diffusion" else (seq,)
+    out = model(*args, variables=["d", "b"], rng=torch.Generator().manual_seed(0))
+    pred = out[0] if family == "mae" else out
+    expected = (2, 16, 4 * 4 * 2) if family == "mae" else tuple(seq.patches.shape)
+    assert tuple(pred.shape) == expected

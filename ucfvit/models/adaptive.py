@@ -20,8 +20,8 @@ What lives here (so that one implementation serves every family):
   :func:`region_owner`/:func:`paint` (token features painted over the patch-grid cells their
   region covers, for UNETR's convolutional decoder), :func:`sequence_target` (patches in
   :func:`~ucfvit.models.patches.patchify` layout).
-* The forwards of MAE, UNETR and DiffusionViT on patch sequences, and the batch -> sequence rule
-  of the family specs (:func:`batch_sequence`).
+* UNETR's forward on patch sequences (:func:`unetr_forward`), and the batch -> sequence rule of
+  the family specs (:func:`batch_sequence`, :func:`model_input`).
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .embed import sincos_embed, timestep_embed
-from .rng import RandomSource, rand, randn
+from .embed import sincos_embed
+from .rng import RandomSource
 
 __all__ = [
     "AdaptivePosEmbed", "PatchSequence", "batch_sequence", "check_sequence", "grid_patches", "is_sequence",
     "masked_mean", "model_input", "pad_sequence", "paint", "paste", "region_centres", "region_owner",
-    "sequence_target", "sincos_position", "token_layout", "valid_of", "with_prefix",
+    "sequence_from_tokens", "sequence_target", "sincos_position", "token_layout", "with_prefix",
 ]  # fmt: skip
 
 
@@ -155,12 +155,11 @@ def region_centres(seq: PatchSequence, patch_size: int) -> torch.Tensor:
     return (seq.coords.float() + seq.sizes.unsqueeze(-1).float() / 2) / patch_size
 
 
-def sincos_position(coords: torch.Tensor, sizes: torch.Tensor, patch_size: int, dim: int) -> torch.Tensor:
+def sincos_position(seq: PatchSequence, patch_size: int, dim: int) -> torch.Tensor:
     """Fixed embedding (B, L, dim): sin-cos of region centres in patch units (a grid patch i at
     position i, as the regular sin-cos table) plus a 1D sin-cos of log2(size / patch_size)."""
-    centres = (coords.float() + sizes.unsqueeze(-1).float() / 2) / patch_size - 0.5
-    scale = torch.log2(sizes.float() / patch_size).unsqueeze(-1)
-    return sincos_embed(centres, dim) + sincos_embed(scale, dim)
+    scale = torch.log2(seq.sizes.float() / patch_size).unsqueeze(-1)
+    return sincos_embed(region_centres(seq, patch_size) - 0.5, dim) + sincos_embed(scale, dim)
 
 
 class AdaptivePosEmbed(nn.Module):
@@ -187,7 +186,7 @@ def positions(model: nn.Module, seq: PatchSequence, dim: int, learned: nn.Module
     if learned is not None:
         return learned(seq, model.img_size, model.patch_size)
     if model.pos_embed_kind == "sincos":
-        return sincos_position(seq.coords, seq.sizes, model.patch_size, dim)
+        return sincos_position(seq, model.patch_size, dim)
     return None
 
 
@@ -211,10 +210,6 @@ def token_layout(model: nn.Module, x) -> tuple[torch.Tensor, torch.Tensor | None
 
 
 # ---------------------------------------------------------------------------- pad masks
-def valid_of(x) -> torch.Tensor | None:
-    return x.valid if is_sequence(x) else None
-
-
 def with_prefix(valid: torch.Tensor | None, num_prefix: int) -> torch.Tensor | None:
     """Key mask of patch tokens extended to the prefix (class) tokens, which are always valid."""
     if valid is None or num_prefix == 0:
@@ -356,51 +351,6 @@ def model_input(model: nn.Module, batch):
 
 
 # ---------------------------------------------------------------------------- family forwards
-def mae_forward(model, seq: PatchSequence, variables, rng: RandomSource):
-    """MAE on a patch sequence: ``(pred (B, L, p**ndim * C), mask (B, L))``.
-
-    Each sample keeps ``max(1, int(V * (1 - mask_ratio)))`` of its V valid patches, chosen at
-    random; pad tokens are never kept and never masked (mask 0, so no loss). The encoder runs on
-    ``max(1, int(L * (1 - mask_ratio)))`` slots (static shape); slots beyond a sample's own count
-    are masked out of attention and replaced by the mask token before the decoder.
-    """
-    tokens = model.embed(seq, variables)
-    centres, valid = token_layout(model, seq)
-    b, length, d = tokens.shape
-    device = tokens.device
-    num_keep = max(1, int(length * (1 - model.mask_ratio)))
-    noise = rand(rng, (b, length), device)
-    if valid is not None:
-        noise = noise.masked_fill(~valid, 2.0)  # pad tokens sort after every valid one
-    ids_shuffle = noise.argsort(dim=1, stable=True)  # stable: ties break by index everywhere
-    ids_restore = ids_shuffle.argsort(dim=1)
-    ids_keep = ids_shuffle[:, :num_keep]
-    if valid is None:
-        keep_count = torch.full((b, 1), num_keep, device=device)
-    else:  # float64, as Python's int(V * (1 - ratio)) for an unpadded sequence of V tokens
-        keep_count = (valid.sum(dim=1, keepdim=True).double() * (1 - model.mask_ratio)).long().clamp(min=1)
-    slot = torch.arange(length, device=device).unsqueeze(0)
-    kept_valid = None if valid is None else slot[:, :num_keep] < keep_count  # (B, num_keep)
-    mask = (slot >= keep_count).float().gather(1, ids_restore)
-    if valid is not None:
-        mask = mask * valid
-    kept = tokens.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
-    kept_coords = centres.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, model.ndim))
-    latent, _ = model.encode(kept, kept_coords, rng, valid=kept_valid)
-
-    y = latent if model.linear_decoder else model.decoder_embed(latent)
-    p, width = model.num_prefix_tokens, y.shape[-1]
-    visible = y[:, p:]
-    token = model.mask_token.to(y.dtype)
-    if kept_valid is not None:
-        visible = torch.where(kept_valid.unsqueeze(-1), visible, token)
-    restored = torch.cat([visible, token.expand(b, length - num_keep, -1)], dim=1)
-    restored = restored.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, width))
-    pos = None if model.linear_decoder else decoder_positions(model, seq, width)
-    pred = model.decode(torch.cat([y[:, :p], restored], dim=1), centres, pos=pos, valid=valid)
-    return pred, mask
-
-
 def unetr_forward(model, seq: PatchSequence, variables, rng: RandomSource) -> torch.Tensor:
     """UNETR on a patch sequence -> dense logits (B, K, *img_size).
 
@@ -421,28 +371,3 @@ def unetr_forward(model, seq: PatchSequence, variables, rng: RandomSource) -> to
         image.to(out.dtype), paint(out[:, p:], owner, model.grid), [paint(t[:, p:], owner, model.grid) for t in tapped]
     )
     return model.head(features)
-
-
-def diffusion_forward(model, seq: PatchSequence, t: torch.Tensor, variables, rng: RandomSource) -> torch.Tensor:
-    """DiffusionViT on a noised patch sequence: the predicted noise per token, shaped like
-    ``seq.patches`` (B, L, C, *[patch_size] * ndim)."""
-    t_freq = timestep_embed(t, model.embed_dim).to(model.time_embed[0].weight.dtype)
-    tokens = model.embed(seq, variables) + model.time_embed(t_freq).unsqueeze(1)
-    centres, valid = token_layout(model, seq)
-    latent, _ = model.encode(tokens, centres, rng, valid=valid)
-    y = latent if model.linear_decoder else model.decoder_embed(latent)
-    pos = None if model.linear_decoder else decoder_positions(model, seq, y.shape[-1])
-    pred = model.decode(y, centres, pos=pos, valid=valid)
-    return sequence_from_tokens(pred, seq.patches.shape[2], model.patch_size, model.ndim)
-
-
-def diffusion_loss(model, batch, rng: RandomSource, ddpm) -> torch.Tensor:
-    """Noise-prediction MSE on a patch sequence: noise is added to the patches; per sample the
-    mean over its valid tokens, then the mean over samples."""
-    seq = batch_sequence(model, batch)
-    x = seq.patches
-    t = (rand(rng, (x.shape[0],), x.device) * ddpm.num_steps).long().clamp(max=ddpm.num_steps - 1)
-    noise = randn(rng, x.shape, x.device)
-    pred = model(seq._replace(patches=ddpm.add_noise(x, noise, t)), t, rng=rng)
-    per_token = (pred.float() - noise).pow(2).flatten(2).mean(dim=-1)  # (B, L)
-    return masked_mean(per_token, seq.valid).mean()

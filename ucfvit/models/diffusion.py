@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .adaptive import diffusion_forward, diffusion_loss, is_sequence, model_input
+from .adaptive import decoder_positions, is_sequence, masked_mean, model_input, sequence_from_tokens, token_layout
 from .embed import timestep_embed
 from .encoder import EncoderDecoder
 from .patches import unpatchify
@@ -50,16 +50,20 @@ class DiffusionViT(EncoderDecoder):
         *,
         rng: RandomSource = None,
     ) -> torch.Tensor:
-        if self.adaptive_patching or is_sequence(x):  # noise predicted per token, shaped like x.patches
-            return diffusion_forward(self, x, t, variables, rng)
-        b = x.shape[0]
+        """Noised images (B, C, *img_size) -> predicted noise of the same shape; for adaptive models a
+        noised PatchSequence -> the noise per token, shaped like its ``patches``."""
         t_freq = timestep_embed(t, self.embed_dim).to(self.time_embed[0].weight.dtype)  # bf16 under mixed precision
         tokens = self.embed(x, variables) + self.time_embed(t_freq).unsqueeze(1)
-        coords = self.patch_coords(b, x.device)
-        latent, _ = self.encode(tokens, coords, rng)
+        coords, valid = token_layout(self, x)
+        latent, _ = self.encode(tokens, coords, rng, valid=valid)
         y = latent if self.linear_decoder else self.decoder_embed(latent)
-        # contiguous(): return a fresh tensor rather than a permuted view of the decoder output.
+        if is_sequence(x):
+            pos = None if self.linear_decoder else decoder_positions(self, x, y.shape[-1])
+            channels = x.patches.shape[2]
+            pred = self.select_channels(self.decode(y, coords, pos=pos, valid=valid), channels, variables)
+            return sequence_from_tokens(pred, channels, self.patch_size, self.ndim)
         pred = self.select_channels(self.decode(y, coords), x.shape[1], variables)
+        # contiguous(): return a fresh tensor rather than a permuted view of the decoder output.
         return unpatchify(pred, self.patch_size, self.img_size).contiguous()
 
 
@@ -151,14 +155,17 @@ def _timestep_input(model: DiffusionViT, batch) -> tuple:
 
 
 def _noise_prediction_loss(model: DiffusionViT, batch, rng: RandomSource, ddpm: DDPMScheduler) -> torch.Tensor:
-    """MSE of the predicted noise at a random timestep per sample (both drawn from ``rng``)."""
-    if model.adaptive_patching:  # noise added to the patch sequence, loss over valid tokens
-        return diffusion_loss(model, batch, rng, ddpm)
-    x = batch["image"]
-    t = (rand(rng, (x.shape[0],), x.device) * ddpm.num_steps).long().clamp(max=ddpm.num_steps - 1)
-    noise = randn(rng, x.shape, x.device)
-    pred = model(ddpm.add_noise(x, noise, t), t, rng=rng)
-    return (pred.float() - noise).pow(2).flatten(1).mean(dim=1).mean()
+    """MSE of the predicted noise at a random timestep per sample (both drawn from ``rng``): a mean
+    per sample (over its valid tokens for patch sequences), then over samples."""
+    x = model_input(model, batch)
+    clean = x.patches if is_sequence(x) else x
+    t = (rand(rng, (clean.shape[0],), clean.device) * ddpm.num_steps).long().clamp(max=ddpm.num_steps - 1)
+    noise = randn(rng, clean.shape, clean.device)
+    noised = ddpm.add_noise(clean, noise, t)
+    error = (model(x._replace(patches=noised) if is_sequence(x) else noised, t, rng=rng).float() - noise).pow(2)
+    if is_sequence(x):
+        return masked_mean(error.flatten(2).mean(dim=-1), x.valid).mean()
+    return error.flatten(1).mean(dim=1).mean()
 
 
 register_family(

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .adaptive import is_sequence, mae_forward, model_input, sequence_target
-from .encoder import EncoderDecoder, shuffle_indices
+from .adaptive import PatchSequence, decoder_positions, is_sequence, model_input, sequence_target, token_layout
+from .encoder import EncoderDecoder
 from .patches import patchify, unpatchify
 from .registry import FamilySpec, register_family
-from .rng import RandomSource
+from .rng import RandomSource, rand
 
 __all__ = ["MAE"]
 
@@ -43,43 +43,60 @@ class MAE(EncoderDecoder):
         super()._init_parameters()
         nn.init.normal_(self.mask_token, std=0.02)
 
+    def kept(self, num_tokens: int) -> int:
+        """Tokens the encoder sees out of ``num_tokens``: ``max(1, int(N * (1 - mask_ratio)))`` (MAE reference rule)."""
+        return max(1, int(num_tokens * (1 - self.mask_ratio)))
+
     @property
     def num_keep(self) -> int:
-        """Patches the encoder sees: ``max(1, int(N * (1 - mask_ratio)))`` (MAE reference rule)."""
-        return max(1, int(self.num_patches * (1 - self.mask_ratio)))
-
-    def random_masking(self, batch: int, device: torch.device, rng: RandomSource = None):
-        """Per-sample random permutation of patches: returns (ids_keep (B, K), ids_restore (B, N), mask (B, N))."""
-        ids_shuffle = shuffle_indices(rng, batch, self.num_patches, device)
-        ids_restore = ids_shuffle.argsort(dim=1)
-        ids_keep = ids_shuffle[:, : self.num_keep]
-        mask = torch.ones(batch, self.num_patches, device=device)
-        mask[:, : self.num_keep] = 0
-        return ids_keep, ids_restore, mask.gather(1, ids_restore)
+        """Patches the encoder sees: :meth:`kept` of ``num_patches``."""
+        return self.kept(self.num_patches)
 
     def forward(
-        self, x: torch.Tensor, variables: Sequence[str] | None = None, *, rng: RandomSource = None
+        self, x: torch.Tensor | PatchSequence, variables: Sequence[str] | None = None, *, rng: RandomSource = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.adaptive_patching or is_sequence(x):  # masking among the valid patches of a PatchSequence
-            pred, mask = mae_forward(self, x, variables, rng)
-            return self.select_channels(pred, x.patches.shape[2], variables), mask
-        b = x.shape[0]
+        """Images (B, C, *img_size), or a PatchSequence if adaptive -> ``(pred, mask)``.
+
+        Each sample keeps :meth:`kept` of its V valid patches (V = N without padding), chosen at
+        random; pad tokens are never kept and never masked (mask 0, so no loss). The encoder runs
+        on :meth:`kept` of N slots (a static shape); slots beyond a sample's own count are masked
+        out of attention and replaced by the mask token before the decoder.
+        """
         tokens = self.embed(x, variables)
-        ids_keep, ids_restore, mask = self.random_masking(b, x.device, rng)
-        d = tokens.shape[-1]
+        coords, valid = token_layout(self, x)
+        (b, n, d), device = tokens.shape, tokens.device
+        num_keep = self.kept(n)
+        noise = rand(rng, (b, n), device)
+        if valid is not None:
+            noise = noise.masked_fill(~valid, 2.0)  # pad tokens sort after every valid one
+        ids_shuffle = noise.argsort(dim=1, stable=True)  # stable: ties break by index everywhere
+        ids_restore = ids_shuffle.argsort(dim=1)
+        ids_keep = ids_shuffle[:, :num_keep]
+        if valid is None:
+            keep_count = torch.full((b, 1), num_keep, device=device)
+        else:  # float64, as Python's int(V * (1 - ratio)) for an unpadded sequence of V tokens
+            keep_count = (valid.sum(dim=1, keepdim=True).double() * (1 - self.mask_ratio)).long().clamp(min=1)
+        slot = torch.arange(n, device=device).unsqueeze(0)
+        kept_valid = None if valid is None else slot[:, :num_keep] < keep_count  # (B, num_keep)
+        mask = (slot >= keep_count).float().gather(1, ids_restore)
+        if valid is not None:
+            mask = mask * valid
         kept = tokens.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
-        coords = self.patch_coords(b, x.device)
         kept_coords = coords.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, self.ndim))
-        latent, _ = self.encode(kept, kept_coords, rng)
+        latent, _ = self.encode(kept, kept_coords, rng, valid=kept_valid)
 
         # Decoder input: encoded visible tokens plus a shared mask token at every hidden patch,
         # put back in patch order. A linear decoder sees no context, so it predicts a constant there.
         y = latent if self.linear_decoder else self.decoder_embed(latent)
         p, width = self.num_prefix_tokens, y.shape[-1]
-        patches = torch.cat([y[:, p:], self.mask_token.expand(b, self.num_patches - self.num_keep, -1)], dim=1)
-        patches = patches.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, width))
-        pred = self.decode(torch.cat([y[:, :p], patches], dim=1), coords)
-        return self.select_channels(pred, x.shape[1], variables), mask
+        token = self.mask_token.to(y.dtype)
+        visible = y[:, p:] if kept_valid is None else torch.where(kept_valid.unsqueeze(-1), y[:, p:], token)
+        restored = torch.cat([visible, token.expand(b, n - num_keep, -1)], dim=1)
+        restored = restored.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, width))
+        sequence = is_sequence(x)
+        pos = decoder_positions(self, x, width) if sequence and not self.linear_decoder else None
+        pred = self.decode(torch.cat([y[:, :p], restored], dim=1), coords, pos=pos, valid=valid)
+        return self.select_channels(pred, x.patches.shape[2] if sequence else x.shape[1], variables), mask
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, *img_size) -> (B, N, patch_size**ndim * C)."""
