@@ -16,7 +16,7 @@ import sys
 
 from ucfvit.train.cli import parse
 from ucfvit.train.config import ConfigError
-from ucfvit.train.trainer import train
+from ucfvit.train.trainer import TrainingDiverged, train
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> None:
         train(parse(sys.argv[1:] if argv is None else argv, description=__doc__))
     except ConfigError as err:  # a bad option: one line naming it, no traceback
         sys.exit(f"recipes/train.py: error: {err}")
+    except TrainingDiverged as err:  # the same message on every rank; nothing non-finite was saved
+        sys.exit(f"recipes/train.py: diverged: {err}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,10 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-__all__ = ["Checkpointer", "find_checkpoint", "is_complete", "read_checkpoint_config", "encode_rng", "decode_rng"]
+__all__ = [
+    "Checkpointer", "checkpoint_step", "find_checkpoint", "is_complete", "write_atomic",
+    "read_checkpoint_config", "encode_rng", "decode_rng",
+]  # fmt: skip
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE, CONFIG_FILE, LATEST = "trainer_state.json", "config.json", "latest"
@@ -64,6 +67,11 @@ def find_checkpoint(run_or_ckpt: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step number of a ``step-N`` (or ``step-N.tmp``) directory."""
+    return int(Path(path).name.split("-")[1].split(".")[0])
+
+
 def read_checkpoint_config(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / CONFIG_FILE).read_text())
 
@@ -78,7 +86,8 @@ def decode_rng(state: dict[str, str]) -> None:
     torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a crash leaves either the old or the new content."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -94,6 +103,7 @@ class Checkpointer:
         self.root = Path(run_dir) / "checkpoints"
         self.keep = max(1, keep)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.last_saved: Path | None = None  # the newest checkpoint this run wrote or resumed from
 
     def _barrier(self) -> None:
         if dist.is_initialized():
@@ -112,14 +122,15 @@ class Checkpointer:
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
         self._barrier()
         if self.rank == 0:
-            _write_atomic(tmp / CONFIG_FILE, json.dumps(config, indent=2))
-            _write_atomic(tmp / STATE_FILE, json.dumps(state))
+            write_atomic(tmp / CONFIG_FILE, json.dumps(config, indent=2))
+            write_atomic(tmp / STATE_FILE, json.dumps(state))
             if final.exists():  # the same step saved again (e.g. resumed and stopped at once)
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _write_atomic(self.root / LATEST, final.name)
+            write_atomic(self.root / LATEST, final.name)
             self._prune()
         self._barrier()
+        self.last_saved = final
         return final
 
     def _prune(self) -> None:
@@ -132,4 +143,5 @@ class Checkpointer:
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(ckpt))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.last_saved = ckpt
         return json.loads((ckpt / STATE_FILE).read_text())

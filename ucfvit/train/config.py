@@ -62,6 +62,9 @@ class OptimConfig:
     """Adam epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0: no clipping)."""
+    skip_nonfinite: int = 0
+    """Skip a step whose loss or gradient norm is not finite, at most N times in the run, then stop
+    (0: stop at the first; costs one host sync per step when N > 0)."""
 
 
 @dataclass
@@ -100,8 +103,10 @@ class CheckpointConfig:
     """Save every N steps (0: only at the end)."""
     keep: int = 2
     """Complete checkpoints to keep (oldest removed first)."""
-    resume: str = "none"
-    """``none``, ``auto`` (newest complete checkpoint of the run directory, else start fresh) or a checkpoint PATH."""
+    resume: str = "auto"
+    """``auto``: continue from the newest complete checkpoint of ``--run.dir`` (start fresh if it holds
+    none); ``none``: start fresh (refused if ``--run.dir`` already holds a run); or a checkpoint PATH
+    (``step-N`` or a run directory). Resuming an older step of this run moves its later steps aside."""
     export_safetensors: bool = False
     """At the end, write a consolidated ``model.safetensors`` (+ ``model_config.json``) to the run directory."""
 
@@ -122,6 +127,8 @@ class RunConfig:
     """Run directory: config.json, metrics.jsonl, checkpoints/ and exports."""
     seed: int = 0
     """Seed of initialisation, data and forward randomness."""
+    overwrite: bool = False
+    """Start over in a ``--run.dir`` that holds a run: delete its checkpoints, metrics and export first."""
 
 
 @dataclass

@@ -38,12 +38,13 @@ from ucfvit.parallel import (
 )  # fmt: skip
 from ucfvit.parallel.mesh import world_size
 
-from .checkpoint import Checkpointer, decode_rng, encode_rng, find_checkpoint, read_checkpoint_config
+from .checkpoint import Checkpointer, decode_rng, encode_rng, read_checkpoint_config
 from .config import ARCH_OPTIONS, Config, ConfigError
 from .metrics import Throughput, append_jsonl, format_progress, peak_flops, train_flops_per_sample
 from .optim import build_optimizer, lr_at
+from .run_dir import RunDirPlan, RunLock, inspect_run_dir, prepare_run_dir
 
-__all__ = ["train", "validate_config", "model_kwargs", "RunPlan", "TrainResult"]
+__all__ = ["train", "validate_config", "model_kwargs", "RunPlan", "TrainResult", "TrainingDiverged"]
 
 # Ranks agree on a stop request (SIGTERM/SIGINT) at the next synchronisation point: every
 # log step, checkpoint step, and at least every SYNC_EVERY steps.
@@ -52,6 +53,11 @@ SYNC_EVERY = 10
 # run may change them. Every other option of the family must match the checkpoint's.
 RUNTIME_OPTIONS = {"attn_backend", "drop_path_rate", "drop_rate", "attn_drop_rate", "proj_drop_rate",
                    "pos_drop_rate", "patch_drop_rate", "mask_ratio", "norm_pix_loss"}  # fmt: skip
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became non-finite (more often than ``--optim.skip-nonfinite``
+    allows); raised on every rank at once, before anything non-finite is saved."""
 
 
 @dataclass
@@ -68,13 +74,21 @@ class TrainResult:
 @dataclass
 class RunPlan:
     """What :func:`validate_config` resolves once: the family, the mesh shape, the model (on the
-    meta device, not yet parallelized) and the checkpoint to resume from."""
+    meta device, not yet parallelized) and what the run does with its directory (the checkpoint
+    to resume from, an abandoned branch to move aside)."""
 
     spec: FamilySpec
     shape: MeshShape
     model: nn.Module
-    checkpoint: Path | None
-    run_dir: Path
+    run: RunDirPlan
+
+    @property
+    def checkpoint(self) -> Path | None:
+        return self.run.checkpoint
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.path
 
 
 def model_kwargs(cfg: Config) -> dict:
@@ -147,28 +161,12 @@ def _resolve(cfg: Config) -> RunPlan:
             f"{cfg.model}/{cfg.model_size} on mesh {shape}: {err} (--arch.num-heads / --arch.decoder-num-heads, "
             "--mesh and --parallel.* set these)"
         ) from err
-    run_dir = cfg.run.dir.resolve()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_test = run_dir / f".write-test-{os.getpid()}"
-        write_test.write_text("ok")
-        write_test.unlink()
-    except OSError as err:
-        raise ValueError(f"--run.dir={cfg.run.dir} is not writable ({err.strerror}); choose another directory") from err
-    resume = cfg.checkpoint.resume
-    if resume == "none":
-        ckpt = None
-    elif resume == "auto":
-        ckpt = find_checkpoint(run_dir)
-    else:
-        ckpt = find_checkpoint(Path(resume))
-        if ckpt is None:
-            raise ValueError(
-                f"--checkpoint.resume={resume}: no complete checkpoint there (use 'auto' to start fresh if none)"
-            )
-    if ckpt is not None:
-        _check_compatible(cfg, ckpt, model_arguments(spec.model))
-    return RunPlan(spec=spec, shape=shape, model=model, checkpoint=ckpt, run_dir=run_dir)
+    if cfg.optim.skip_nonfinite < 0:
+        raise ValueError(f"--optim.skip-nonfinite={cfg.optim.skip_nonfinite} must be >= 0 (0: stop at the first)")
+    run = inspect_run_dir(cfg.run.dir, cfg.checkpoint.resume, cfg.run.overwrite)  # reads only
+    if run.checkpoint is not None:
+        _check_compatible(cfg, run.checkpoint, model_arguments(spec.model))
+    return RunPlan(spec=spec, shape=shape, model=model, run=run)
 
 
 def _check_compatible(cfg: Config, ckpt: Path, accepted: set[str]) -> None:
@@ -207,6 +205,59 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+_DIVERGED_HINT = "Lower --optim.lr, keep --optim.grad-clip on, or skip such steps with --optim.skip-nonfinite N"
+
+
+class _FiniteGuard:
+    """Catches a non-finite loss or gradient norm. With ``allowed`` = 0 (default) the non-finite
+    steps are counted on the device and the run stops at the next sync point (no extra host sync);
+    with ``allowed`` > 0 every step is checked on the host (one small all-reduce) and a
+    non-finite one is skipped (no optimizer update), at most ``allowed`` times."""
+
+    def __init__(self, allowed: int, start_step: int, device: torch.device):
+        self.allowed, self.skipped, self.synced = allowed, 0, start_step
+        self.nonfinite = torch.zeros((), device=device)
+
+    def update_ok(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, last_saved: Path | None) -> bool:
+        """Whether to apply the optimizer update of ``step`` (1-based)."""
+        bad = (~(torch.isfinite(loss) & torch.isfinite(grad_norm.to(loss.device)))).float()
+        if self.allowed == 0:
+            self.nonfinite += bad
+            return True
+        dist.all_reduce(bad)  # non-finite on any rank
+        if bad.item() == 0:
+            return True
+        self.skipped += 1
+        if self.skipped > self.allowed:
+            raise TrainingDiverged(
+                f"step {step}: {self.skipped} steps with a non-finite loss or gradient norm, more than "
+                f"--optim.skip-nonfinite={self.allowed} allows; stopping without saving (the last checkpoint, "
+                f"{last_saved or 'none'}, is kept). Lower --optim.lr or keep --optim.grad-clip on"
+            )
+        if dist.get_rank() == 0:
+            print(f"step {step}: non-finite loss or gradient norm, update skipped ({self.skipped} of "
+                  f"--optim.skip-nonfinite={self.allowed})", flush=True)  # fmt: skip
+        return False
+
+    def check_synced(self, step: int, nonfinite: float, last_saved: Path | None) -> None:
+        """At a sync point: stop if any step since the previous one was non-finite (every rank agrees)."""
+        if nonfinite > 0:
+            when = f"at step {step}" if step == self.synced + 1 else f"between step {self.synced + 1} and step {step}"
+            raise TrainingDiverged(
+                f"the loss or gradient norm became non-finite {when}; "
+                f"stopping without saving (the last checkpoint, {last_saved or 'none'}, is kept). {_DIVERGED_HINT}"
+            )
+        self.synced = step
+
+
+def _parameters_finite(model: nn.Module) -> bool:
+    """Whether every parameter shard on every rank is finite (collective)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    ok = torch.stack([torch.isfinite(t).all() for t in local]).all().float() if local else torch.ones(())
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
 def _peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -216,16 +267,32 @@ def _peak_memory_gib(device: torch.device) -> float:
 def train(cfg: Config) -> TrainResult:
     """Run (or resume) the training described by ``cfg``; see the module doc."""
     plan = validate_config(cfg)
+    try:
+        lock = RunLock(plan.run_dir).acquire()  # every rank; refuses before any collective
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    try:
+        return _train(cfg, plan, lock)
+    finally:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            lock.release()
+
+
+def _train(cfg: Config, plan: RunPlan, lock: RunLock) -> TrainResult:
     ckpt, model = plan.checkpoint, plan.model
     mesh = make_mesh(plan.shape)
     rank = dist.get_rank()
     device_type = mesh.device_type
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     run_dir = plan.run_dir
+    dist.barrier()  # every rank has inspected the run directory before rank 0 changes it
     if rank == 0:
+        lock.start_heartbeat()
+        prepare_run_dir(plan.run, cfg.to_dict())
         print(f"ucfvit: {cfg.model}/{cfg.model_size} on mesh {cfg.mesh} ({device_type}), run dir {run_dir}", flush=True)
         print(json.dumps(cfg.to_dict(), indent=2), flush=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        print(plan.run.describe(), flush=True)
+    dist.barrier()
 
     param_dtype = {
         "float32": None,
@@ -271,12 +338,18 @@ def train(cfg: Config) -> TrainResult:
         return start_offset + (step - start_step) * global_batch
 
     def save(step: int) -> None:
+        if not _parameters_finite(model):
+            raise TrainingDiverged(
+                f"step {step}: the parameters are not finite; not saving (the last checkpoint, "
+                f"{checkpointer.last_saved or 'none'}, is kept). {_DIVERGED_HINT}"
+            )
         state = {"step": step, "data_offset": data_offset(step), "lr": lr_at(step, cfg), "rng": encode_rng()}
         path = checkpointer.save(step, model, optimizer, state, cfg.to_dict())
         if rank == 0:
             print(f"checkpoint {path}", flush=True)
 
     stop = _StopFlag()
+    guard = _FiniteGuard(cfg.optim.skip_nonfinite, start_step, device)
     timer = Throughput(start_step)
     last_loss, stopped, done = None, False, start_step
     try:
@@ -298,7 +371,8 @@ def train(cfg: Config) -> TrainResult:
                 loss.backward()
                 loss_sum += loss.detach()
             grad_norm = clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
-            optimizer.step()
+            if guard.update_ok(step + 1, loss_sum, grad_norm, checkpointer.last_saved):
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
@@ -306,9 +380,10 @@ def train(cfg: Config) -> TrainResult:
             ckpt_now = cfg.checkpoint.every > 0 and done % cfg.checkpoint.every == 0
             if not (log_now or ckpt_now or done % SYNC_EVERY == 0):
                 continue  # no host sync on this step
-            # One all-reduce carries the loss (mean over ranks = mean over data-parallel ranks)
-            # and the stop flag (any rank asked to stop).
-            stats = torch.stack([loss_sum.float(), torch.tensor(float(stop.requested), device=device)])
+            # One all-reduce carries the loss (mean over ranks = mean over data-parallel ranks),
+            # the stop flag (any rank asked to stop) and the non-finite steps since the last sync.
+            stop_flag = torch.tensor(float(stop.requested), device=device)
+            stats = torch.stack([loss_sum.float(), stop_flag, guard.nonfinite])
             dist.all_reduce(stats)
             last_loss = stats[0].item() / world
             stop_now = stats[1].item() > 0
@@ -325,6 +400,7 @@ def train(cfg: Config) -> TrainResult:
                 }  # fmt: skip
                 print(format_progress(record), flush=True)
                 append_jsonl(run_dir / "metrics.jsonl", record)
+            guard.check_synced(done, stats[2].item(), checkpointer.last_saved)
             if ckpt_now or stop_now:
                 save(done)
             if stop_now:
@@ -332,8 +408,14 @@ def train(cfg: Config) -> TrainResult:
                 if rank == 0:
                     print(f"stop requested: saved step {done}, exiting", flush=True)
                 break
-        if not stopped and done > start_step:
-            if not (cfg.checkpoint.every > 0 and cfg.max_steps % cfg.checkpoint.every == 0):
+        if start_step >= cfg.max_steps and rank == 0:
+            print(
+                f"nothing to train: {ckpt} is at step {start_step} and --max-steps is {cfg.max_steps} "
+                "(raise --max-steps to train longer)",
+                flush=True,
+            )
+        if not stopped:
+            if done > start_step and not (cfg.checkpoint.every > 0 and cfg.max_steps % cfg.checkpoint.every == 0):
                 save(cfg.max_steps)
             if cfg.checkpoint.export_safetensors:
                 export_safetensors(model, cfg, run_dir)
