@@ -79,7 +79,11 @@ def test_exported_safetensors_reproduce_the_parallel_model(tmp_path):
             ["--mesh", "1x2x1", "--checkpoint.resume", "/nonexistent/ckpt"],
             r"--checkpoint.resume=/nonexistent/ckpt: no complete checkpoint",
         ),
-        (2, ["--mesh", "1x2x1", "--run.dir", "/dev/null/run"], r"--run.dir=/dev/null/run cannot be created \(/dev/null is not a directory\)"),
+        (
+            2,
+            ["--mesh", "1x2x1", "--run.dir", "/dev/null/run"],
+            r"--run.dir=/dev/null/run cannot be created \(/dev/null is not a directory\)",
+        ),
         (
             2,
             ["--mesh", "1x1x2", "--arch.num-heads", "3", "--arch.embed-dim", "48"],
