@@ -493,21 +493,23 @@ class Checkpointer:
         tensors = {"model": model_sd, "optim": {"state": optim_sd["state"]}}
         _tensors_only(tensors)
         dcp.save(tensors, checkpoint_id=str(tmp))
-        # Each rank hashes the shards it wrote; rank 0 gathers them (this is also the barrier).
-        mine = _describe(tmp, sorted(p.name for p in tmp.glob(f"__{self.rank}_*.distcp")))
+        # Each rank hashes the shards it wrote and the ranks share them (this is also the barrier).
+        # Listed before the exchange: DCP has finished on every rank and rank 0 writes nothing yet.
+        names = os.listdir(tmp)
+        mine = _describe(tmp, sorted(n for n in names if _SHARD.fullmatch(n) and n.startswith(f"__{self.rank}_")))
         shards = [mine]
         if dist.is_initialized():
             shards = [None] * dist.get_world_size()
             dist.all_gather_object(shards, mine)
+        files = {name: entry for part in shards for name, entry in part.items()}
+        stray = sorted(set(names) - set(files) - {METADATA})
+        if stray:  # the same listing on every rank, so that all of them raise
+            raise CheckpointError(f"{tmp} holds {stray}, which no rank accounted for (a DCP writer change?)")
         if self.rank == 0:
             _write_atomic(tmp / CONFIG_FILE, json.dumps(config, indent=2))
             _write_atomic(tmp / STATE_FILE, json.dumps(state))
             _write_atomic(tmp / OPTIM_FILE, json.dumps({"param_groups": groups}))
-            files = {name: entry for part in shards for name, entry in part.items()}
             files.update(_describe(tmp, [METADATA, CONFIG_FILE, STATE_FILE, OPTIM_FILE]))
-            stray = sorted(set(os.listdir(tmp)) - set(files))
-            if stray:
-                raise CheckpointError(f"{tmp} holds {stray}, which no rank accounted for")
             _write_atomic(tmp / MANIFEST, json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1))
             _fsync_dir(tmp)
             if final.exists():  # the same step saved again (e.g. resumed and stopped at once)
