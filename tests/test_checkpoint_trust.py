@@ -1,0 +1,343 @@
+"""Checkpoints run no code and detect corruption (issue #9): whatever an attacker writes into a
+checkpoint (with or without rewriting its manifest to match), resuming refuses it and nothing of it
+runs; flipped bytes are caught by the manifest; a legitimate checkpoint still resumes bit-exactly
+on other meshes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+
+from distributed import run_ranks
+from ucfvit.train import checkpoint as ckpt_module
+from ucfvit.train.checkpoint import (
+    MANIFEST_FORMAT,
+    Checkpointer,
+    CheckpointError,
+    find_checkpoint,
+    is_complete,
+    verify_checkpoint,
+    verify_structure,
+)
+
+# The single-process tests save and load without a process group, which DCP warns about.
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+ARGV = ["--model", "vit", "--arch.img-size", "16", "16", "--metrics.log-every", "1"]
+STEP2 = "checkpoints/step-00000002"
+
+
+def losses(run_dir: Path) -> dict[int, list[float]]:
+    """Step -> the losses metrics.jsonl logged for it."""
+    out: dict[int, list[float]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        out.setdefault(record["step"], []).append(record["loss"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted 4-step run on 2 ranks (1x2x1) that checkpoints at steps 2 and 4."""
+    run = tmp_path_factory.mktemp("reference")
+    argv = [*ARGV, "--mesh", "1x2x1", "--max-steps", "4", "--checkpoint.every", "2", "--checkpoint.keep", "2"]
+    run_ranks(2, "train_cases:run", "vit", [*argv, "--run.dir", str(run)])
+    return run
+
+
+def test_legitimate_checkpoint_resumes_bit_exactly_on_other_meshes(reference, tmp_path):
+    verify_checkpoint(reference / STEP2)
+    assert find_checkpoint(reference) == reference / "checkpoints" / "step-00000004"
+    assert sorted(verify_structure(reference / STEP2)) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "config.json", "optimizer.json", "trainer_state.json",
+    ]  # fmt: skip
+    ref = losses(reference)
+    for world, mesh in [(1, "1x1x1"), (4, "1x2x2")]:
+        run = tmp_path / mesh
+        argv = [*ARGV, "--mesh", mesh, "--max-steps", "4", "--checkpoint.resume", str(reference / STEP2)]
+        assert run_ranks(world, "train_cases:run", "vit", [*argv, "--run.dir", str(run)])[0]["steps"] == 4
+        resumed = losses(run)
+        assert sorted(resumed) == [3, 4]
+        for step, (value,) in resumed.items():
+            assert abs(value - ref[step][0]) <= 1e-6, (mesh, step, value, ref[step][0])
+
+
+# --------------------------------------------------------------------------- tampering
+
+
+class Exec:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def overwrite_start(path: Path, data: bytes) -> None:
+    """Put ``data`` at the start of ``path``, keeping its size (so only the hash can tell)."""
+    raw = bytearray(path.read_bytes())
+    raw[: len(data)] = data
+    path.write_bytes(bytes(raw))
+
+
+def forge_manifest(ckpt: Path) -> None:
+    """What an attacker can do too: rewrite manifest.json to match the files as they are now."""
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for p in ckpt.iterdir()
+        if p.name != "manifest.json"
+    }
+    (ckpt / "manifest.json").write_text(json.dumps({"format": MANIFEST_FORMAT, "files": files}))
+
+
+def edit_metadata(ckpt: Path, edit) -> None:
+    metadata = pickle.loads((ckpt / ".metadata").read_bytes())  # our own legitimate file
+    edit(metadata)
+    (ckpt / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+def byte_item(ckpt: Path, marker: Path) -> None:
+    """Turn an optimizer ``step`` tensor into a pickled BYTE_IO value (torch.load(weights_only=False))
+    whose bytes are appended to a shard."""
+    shard = ckpt / "__1_0.distcp"
+    payload = pickle.dumps(Exec(marker))
+    offset = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes() + payload)
+
+    def edit(metadata):
+        key = next(k for k in metadata.state_dict_metadata if k.startswith("optim.state.") and k.endswith(".step"))
+        metadata.state_dict_metadata[key] = BytesStorageMetadata()
+        info = next(v for k, v in metadata.storage_data.items() if k.fqn == key)
+        metadata.storage_data = {k: v for k, v in metadata.storage_data.items() if k.fqn != key}
+        metadata.storage_data[MetadataIndex(key)] = type(info)("__1_0.distcp", offset, len(payload))
+
+    edit_metadata(ckpt, edit)
+
+
+def tensor_pickle(ckpt: Path, marker: Path) -> None:
+    """A torch.save archive (what a tensor slice is) whose pickle runs code, as a model tensor."""
+    shard, archive = ckpt / "__0_0.distcp", io.BytesIO()
+    torch.save(Exec(marker), archive)
+    offset = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes() + archive.getvalue())
+
+    def edit(metadata):
+        index = next(k for k in metadata.storage_data if k.fqn == "model.cls_token")
+        metadata.storage_data[index] = type(metadata.storage_data[index])(shard.name, offset, len(archive.getvalue()))
+
+    edit_metadata(ckpt, edit)
+
+
+def escaping_path(ckpt: Path, marker: Path) -> None:
+    (ckpt.parent / "evil.distcp").write_bytes(pickle.dumps(Exec(marker)))
+
+    def edit(metadata):
+        index = next(iter(metadata.storage_data))
+        metadata.storage_data[index].relative_path = "../evil.distcp"
+
+    edit_metadata(ckpt, edit)
+
+
+def payload_into(name: str):
+    return lambda ckpt, marker: overwrite_start(ckpt / name, pickle.dumps(Exec(marker)))
+
+
+def flip_bytes(ckpt: Path, marker: Path) -> None:
+    shard = ckpt / "__1_0.distcp"
+    raw = bytearray(shard.read_bytes())
+    for i in range(len(raw) // 2, len(raw) // 2 + 4):
+        raw[i] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+
+
+# name -> (tamper, what the refusal must name: with the manifest left stale, and forged to match)
+TAMPER = {
+    "metadata_exec": (payload_into(".metadata"), ".metadata does not match", "it references posix.system"),
+    "shard_start": (
+        payload_into("__0_0.distcp"),
+        "__0_0.distcp does not match",
+        "__0_0.distcp at byte 0 (for 'model.cls_token') does not hold a tensor",
+    ),
+    "byte_item": (byte_item, ".metadata has", "as a pickled non-tensor value"),
+    "tensor_pickle": (tensor_pickle, ".metadata has", "loads safely (Trying to load unsupported GLOBAL posix.system"),
+    "escaping_path": (escaping_path, ".metadata has", "in '../evil.distcp', which is not a __<rank>_<i>.distcp"),
+    "config": (payload_into("config.json"), "config.json is not valid JSON", "config.json is not valid JSON"),
+    "state": (payload_into("trainer_state.json"), "trainer_state.json does not match", "trainer_state.json is not"),
+    "optimizer": (payload_into("optimizer.json"), "optimizer.json does not match", "optimizer.json is not valid"),
+    "manifest": (payload_into("manifest.json"), "manifest.json is not valid JSON", None),
+    "flipped": (flip_bytes, "__1_0.distcp does not match its sha256", None),
+}
+
+
+def copy_checkpoint(src: Path, run: Path, name: str = "step-00000002") -> Path:
+    dst = run / "checkpoints" / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def build_cases(reference: Path, tmp: Path) -> tuple[list[list[str]], dict[str, str]]:
+    """Tampered copies of the reference's step-2 checkpoint: ``[name, resume, run_dir]`` per case
+    and what each refusal must contain."""
+    src = reference / STEP2
+    cases, expect = [], {}
+
+    def add(name: str, resume: Path | str, run: Path, expected: str) -> None:
+        cases.append([name, str(resume), str(run)])
+        expect[name] = expected
+
+    for name, (tamper, stale, forged) in TAMPER.items():
+        for manifest, expected in (("stale", stale), ("forged", forged)):
+            if expected is None:
+                continue
+            run = tmp / f"{name}-{manifest}"
+            ckpt = copy_checkpoint(src, run)
+            tamper(ckpt, tmp / f"MARKER-{name}-{manifest}")
+            if manifest == "forged":
+                forge_manifest(ckpt)
+            add(f"{name}-{manifest}", ckpt, run, expected)
+
+    run = tmp / "old-format"  # written before checkpoints had a manifest
+    (copy_checkpoint(src, run) / "manifest.json").unlink()
+    add("old-format", run / STEP2, run, "has no manifest.json: it is incomplete, was written by a ucfvit older")
+    run = tmp / "newest-old-format"  # not silently skipped for an older checkpoint
+    copy_checkpoint(src, run)
+    (copy_checkpoint(src, run, "step-00000003") / "manifest.json").unlink()
+    add("newest-old-format", "auto", run, "step-00000003 has no manifest.json")
+
+    elsewhere = tmp / "elsewhere"
+    copy_checkpoint(src, elsewhere)
+    for name, latest in [("latest-relative", f"../../elsewhere/{STEP2}"), ("latest-absolute", elsewhere / STEP2)]:
+        run = tmp / name
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints" / "latest").write_text(str(latest))
+        add(name, "auto", run, "not a step-N directory beside it: refusing to follow it")
+    run = tmp / "link-outside"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000002").symlink_to(elsewhere / STEP2)
+    (run / "checkpoints" / "latest").write_text("step-00000002")
+    add("link-outside", "auto", run, f"leads to {elsewhere / STEP2}, outside")
+
+    run = tmp / "legit"
+    add("legit", copy_checkpoint(src, run), run, "resumed 3")
+    return cases, expect
+
+
+@pytest.mark.parametrize(("world", "mesh"), [(1, "1x1x1"), (4, "1x2x2")])
+def test_tampered_checkpoints_are_refused_and_run_nothing(reference, tmp_path, world, mesh):
+    cases, expect = build_cases(reference, tmp_path)
+    argv = [*ARGV, "--mesh", mesh, "--max-steps", "3"]
+    results = run_ranks(world, "trust_cases:resume_each", cases, argv, timeout=400)
+    for name, expected in expect.items():
+        got = {r[name] for r in results}
+        assert len(got) == 1, (name, got)  # every rank refuses alike (and no rank was left waiting)
+        (message,) = got
+        assert expected in message, (name, message)
+        if name != "legit":
+            assert message.startswith(("CheckpointError:", "ConfigError:")), (name, message)
+    assert not list(tmp_path.glob("MARKER*"))
+
+
+def test_the_payloads_do_run_code_under_plain_dcp(reference, tmp_path):
+    """The control: without ucfvit's reader, the crafted .metadata and BYTE_IO item run their code."""
+    for name in ("metadata_exec", "byte_item"):
+        ckpt, marker = copy_checkpoint(reference / STEP2, tmp_path / name), tmp_path / f"MARKER-{name}"
+        TAMPER[name][0](ckpt, marker)
+        forge_manifest(ckpt)
+        with contextlib.suppress(Exception, CheckpointException):  # the latter is a BaseException
+            if name == "metadata_exec":
+                FileSystemReader(ckpt).read_metadata()
+            else:
+                key = next(
+                    k
+                    for k in pickle.loads((ckpt / ".metadata").read_bytes()).state_dict_metadata
+                    if k.endswith(".step")
+                )
+                state = {"optim": {"state": {key[len("optim.state.") : -len(".step")]: {"step": torch.zeros(())}}}}
+                dcp.load(state, checkpoint_id=str(ckpt))
+        assert marker.exists(), name
+        with pytest.raises(CheckpointError, match="refusing to load|as a pickled non-tensor value"):
+            verify_checkpoint(ckpt)
+
+
+# --------------------------------------------------------------------------- one process
+
+
+def tiny(lr: float, betas: tuple[float, float]) -> tuple[nn.Module, torch.optim.Optimizer]:
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    rest = [p for p in model.parameters() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=betas
+    )
+    return model, optimizer
+
+
+def test_optimizer_hyperparameters_and_state_round_trip_exactly(tmp_path):
+    torch.manual_seed(0)
+    model, optimizer = tiny(lr=1e-3 / 3, betas=(0.9, 0.95))
+    model(torch.randn(3, 4)).square().mean().backward()
+    optimizer.step()
+    ckpt = Checkpointer(tmp_path, keep=1).save(1, model, optimizer, {"step": 1}, {"model": "tiny"})
+    verify_checkpoint(ckpt)
+    other, fresh = tiny(lr=0.5, betas=(0.1, 0.2))
+    assert Checkpointer(tmp_path, keep=1).load(ckpt, other, fresh) == {"step": 1}
+
+    def hyper(opt):
+        return [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+
+    assert repr(hyper(fresh)) == repr(hyper(optimizer))  # same values and types (betas stays a tuple)
+    for p, q in zip(model.parameters(), other.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert all(torch.equal(optimizer.state[p][k], fresh.state[q][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+
+
+def test_reader_refuses_byte_io_items(tmp_path):
+    model, optimizer = tiny(lr=1e-3, betas=(0.9, 0.95))
+    ckpt = Checkpointer(tmp_path, keep=1).save(1, model, optimizer, {}, {})
+    reader = ckpt_module._SafeReader(ckpt, verify_structure(ckpt))
+    reader.set_up_storage_reader(reader.read_metadata(), True)
+    index = next(iter(reader.storage_data))
+    item = ReadItem(LoadItemType.BYTE_IO, MetadataIndex("optim.param_groups.0.lr"), [], index, [], [])
+    with pytest.raises(CheckpointError, match=r"refusing to read 'optim.param_groups.0.lr' from .*__0_0.distcp"):
+        reader.read_data(LoadPlan([item]), planner=None)
+
+
+def test_saving_a_step_again_keeps_a_copy_through_a_crash(tmp_path, monkeypatch):
+    model, optimizer = tiny(lr=1e-3, betas=(0.9, 0.95))
+    checkpointer = Checkpointer(tmp_path, keep=2)
+    checkpointer.save(1, model, optimizer, {"save": 1}, {})
+    real_replace = os.replace
+
+    def crash_after_moving_the_old_copy_aside(src, dst):
+        real_replace(src, dst)
+        if str(dst).endswith(".old"):
+            raise KeyboardInterrupt("crash")
+
+    monkeypatch.setattr(ckpt_module.os, "replace", crash_after_moving_the_old_copy_aside)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointer.save(1, model, optimizer, {"save": 2}, {})
+    monkeypatch.undo()
+    root = tmp_path / "checkpoints"
+    assert json.loads((root / "step-00000001.old" / "trainer_state.json").read_text()) == {"save": 1}
+    assert (root / "step-00000001.tmp" / "manifest.json").is_file()  # the new copy, complete
+    checkpointer.save(1, model, optimizer, {"save": 3}, {})
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000001"]
+    assert is_complete(root / "step-00000001")
+    assert json.loads((root / "step-00000001" / "trainer_state.json").read_text()) == {"save": 3}
