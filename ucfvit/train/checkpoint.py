@@ -12,7 +12,7 @@ checkpoint loadable. Model and optimizer tensors go through DCP (which reshards 
 mesh); the trainer state and config are JSON. DCP itself stores its ``.metadata`` (and any
 non-tensor optimizer values) as pickles, which ``dcp.load`` unpickles: load only checkpoints you
 trust. The data position is a global sample offset, valid on any mesh. Single-file safetensors
-export lives in :mod:`ucfvit.train.trainer` (``export_safetensors``, ``load_exported``).
+export lives in :mod:`ucfvit.train.export` (``export_safetensors``, ``load_exported``).
 """
 
 from __future__ import annotations
