@@ -36,6 +36,12 @@ def test_full_checkpointing_of_compiled_tensor_parallel_blocks_is_refused_clearl
         assert "use activation_checkpointing='selective'" in msg, msg
 
 
+def test_an_unknown_plan_style_is_refused_on_a_1x1x1_mesh():
+    options = {"plan": {"blocks.*.attn.q": "columnwise", "blocks.*.attn.proj": "rowwise"}}
+    [msg] = run_ranks(1, "misc_cases:error_message", "1x1x1", 8, options, timeout=120)
+    assert "plan['blocks.*.attn.q']: tensor-parallel style 'columnwise' is unknown; use 'colwise'" in msg, msg
+
+
 def test_parse_mesh_accepts_strings_and_tuples():
     assert parse_mesh("2x2x2") == parse_mesh((2, 2, 2)) == MeshShape(2, 2, 2)
     assert parse_mesh("1X4x2", world_size=8).dp_size == 4

@@ -34,6 +34,8 @@ REFUSALS = [
     ("vit", {}, 2, dict(activation_checkpointing="full", compile=True), r"use activation_checkpointing='selective'"),
     ("vit", {}, 2, dict(plan={"layers.*.wq": "colwise"}), r"'layers\.\*\.wq' matches no module of ViT"),
     ("vit", {}, 1, dict(blocks=["layers.*"]), r"'layers\.\*' matches no module"),
+    # An unknown style is refused on every mesh, also where tp = 1 applies no style.
+    ("vit", {}, 1, dict(plan={"blocks.*.attn.q": "columnwise"}), r"plan\['blocks.*q'\]: .* 'columnwise' is unknown"),
     ("vit", {}, 0, {}, r"tp=0 must be a positive integer"),
 ]
 

@@ -12,8 +12,9 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from ucfvit.parallel import full_state_dict
 from ucfvit.train import checkpoint as ckpt_module
 from ucfvit.train.config import Config
+from ucfvit.train.export import load_exported
 from ucfvit.train.presets import preset
-from ucfvit.train.trainer import load_exported, train
+from ucfvit.train.trainer import train
 
 
 def config(model: str, argv: list[str]) -> Config:

@@ -29,15 +29,15 @@ class DiffusionViT(EncoderDecoder):
 
     Args:
         time_steps: length of the diffusion process the model is trained for.
+        class_token: as the encoder's, off by default (every token is a patch to denoise).
         decoder_*, linear_decoder: see :class:`~ucfvit.models.encoder.EncoderDecoder`.
         **encoder_kwargs: see :class:`~ucfvit.models.encoder.VisionTransformer`.
     """
 
-    def __init__(self, *, time_steps: int = 1000, **kwargs):
+    def __init__(self, *, time_steps: int = 1000, class_token: bool = False, **kwargs):
         if time_steps <= 0:
             raise ValueError(f"time_steps={time_steps} must be positive")
-        kwargs.setdefault("class_token", False)
-        super().__init__(**kwargs)
+        super().__init__(class_token=class_token, **kwargs)
         self.time_steps = time_steps
         d = self.embed_dim
         self.time_embed = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))

@@ -75,6 +75,20 @@ def shuffle_indices(rng: RandomSource, batch: int, num: int, device: torch.devic
     return rand(rng, (batch, num), device).argsort(dim=1, stable=True)
 
 
+def _check_block_shape(dim: int, heads: int, mlp_ratio: float, rope: bool, prefix: str) -> None:
+    """Shapes the blocks cannot run with although each option is valid alone (``prefix``: ``decoder_``)."""
+    if not dim * mlp_ratio >= 1:  # also NaN
+        raise ValueError(
+            f"{prefix}mlp_ratio={mlp_ratio} leaves the MLP no hidden feature at {prefix}embed_dim={dim}: "
+            f"{prefix}embed_dim * {prefix}mlp_ratio must be at least 1"
+        )
+    if rope and (dim // heads) % 2:
+        raise ValueError(
+            f"rope=True rotates channel pairs, so the head width {prefix}embed_dim / {prefix}num_heads = "
+            f"{dim} / {heads} = {dim // heads} must be even"
+        )
+
+
 class VisionTransformer(nn.Module):
     """ViT encoder: embed patches (2D or 3D), add positions, run ``depth`` blocks, normalise.
 
@@ -165,6 +179,7 @@ class VisionTransformer(nn.Module):
                 raise ValueError(f"{name}={value} must be positive")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        _check_block_shape(embed_dim, num_heads, mlp_ratio, rope, "")
         if pos_embed not in POS_EMBEDS:
             raise ValueError(f"pos_embed={pos_embed!r} is unknown; choose one of {POS_EMBEDS}")
         rates = {"drop_path_rate": drop_path_rate, "attn_drop_rate": attn_drop_rate}
@@ -494,6 +509,7 @@ class EncoderDecoder(VisionTransformer):
             raise ValueError(
                 f"decoder_embed_dim={decoder_embed_dim} must be divisible by decoder_num_heads={decoder_num_heads}"
             )
+        _check_block_shape(decoder_embed_dim, decoder_num_heads, decoder_mlp_ratio, self.rope, "decoder_")
         self.decoder_num_heads = decoder_num_heads
         self.decoder_embed = nn.Linear(self.embed_dim, decoder_embed_dim)
         self._add_pos_embed("decoder_pos_embed", decoder_embed_dim)

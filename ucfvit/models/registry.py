@@ -27,7 +27,7 @@ from .adaptive import model_input
 
 __all__ = [
     "FAMILIES", "SIZES", "FamilySpec", "build_model", "get_family", "image_input", "list_models", "list_sizes",
-    "model_arguments", "register_family",
+    "model_arguments", "register_family", "resolved_model_kwargs",
 ]  # fmt: skip
 
 _MAE_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
@@ -135,15 +135,34 @@ def build_model(name: str, size: str = "base", **overrides: Any) -> nn.Module:
     the family does not accept is an error. Build under ``torch.device("meta")`` to get a model
     without memory, then ``to_empty`` + ``init_weights()``.
     """
+    model = get_family(name).model(**resolved_model_kwargs(name, size, overrides))
+    model.init_weights()
+    return model
+
+
+def resolved_model_kwargs(name: str, size: str = "base", overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every keyword argument :func:`build_model` passes for ``(name, size, **overrides)``: the
+    constructor's defaults, then the size preset (keys the family takes), then ``overrides``.
+
+    Two models built from equal resolutions are the same model, however their options were
+    spelled (a preset value repeated as an override, a default left out). Sequences become tuples
+    so that resolutions of a JSON file and of a command line compare equal. Raises ``ValueError``
+    for an unknown family or size and for an override the family does not take.
+    """
     spec = get_family(name)
     if size not in spec.sizes:
         raise ValueError(f"size={size!r} is unknown; choose one of {list_sizes(name)}")
     accepted = model_arguments(spec.model)
-    unknown = sorted(set(overrides) - accepted)
+    unknown = sorted(set(overrides or {}) - accepted)
     if unknown:
         raise ValueError(f"{name} does not take {unknown}; allowed arguments: {sorted(accepted)}")
-    kwargs = {k: v for k, v in spec.sizes[size].items() if k in accepted}
-    kwargs.update(overrides)
-    model = spec.model(**kwargs)
-    model.init_weights()
-    return model
+    kwargs: dict[str, Any] = {}
+    for cls in spec.model.__mro__:  # a subclass's default wins over its base's
+        if cls is nn.Module or "__init__" not in vars(cls):
+            continue
+        for param in inspect.signature(cls.__init__).parameters.values():
+            if param.name in accepted and param.kind is param.KEYWORD_ONLY and param.default is not param.empty:
+                kwargs.setdefault(param.name, param.default)
+    kwargs.update((k, v) for k, v in spec.sizes[size].items() if k in accepted)
+    kwargs.update(overrides or {})
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}

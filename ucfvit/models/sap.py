@@ -32,6 +32,8 @@ class SAP(EncoderDecoder):
     Args:
         num_classes: classes per pixel.
         fixed_length: tokens per sample ``L`` (checked in forward when set; pad shorter sequences).
+        class_token: as the encoder's, off by default (the decoder reads patch tokens only).
+        adaptive_patching: always True: SAP takes patch sequences (``False`` is refused).
         decoder_*, linear_decoder: the token decoder, see :class:`~ucfvit.models.encoder.EncoderDecoder`.
         **encoder_kwargs: see :class:`~ucfvit.models.encoder.VisionTransformer`;
             ``img_size`` is the size of the dense output. Positions are continuous, so
@@ -41,7 +43,20 @@ class SAP(EncoderDecoder):
             variable's embedding.
     """
 
-    def __init__(self, *, num_classes: int = 2, fixed_length: int | None = None, **kwargs):
+    def __init__(
+        self,
+        *,
+        num_classes: int = 2,
+        fixed_length: int | None = None,
+        class_token: bool = False,
+        adaptive_patching: bool = True,
+        **kwargs,
+    ):
+        if not adaptive_patching:
+            raise ValueError(
+                "SAP takes adaptive patch sequences only, so adaptive_patching=False is not an option; "
+                "for images on the regular grid use UNETR"
+            )
         if num_classes <= 0:
             raise ValueError(f"num_classes={num_classes} must be positive")
         if kwargs.get("pos_embed") in LEARNED_POS_EMBEDS:
@@ -50,9 +65,9 @@ class SAP(EncoderDecoder):
                 "sizes, not grid rows; use pos_embed='sincos' (fixed), use_adaptive_pos_emb=True (learned) or "
                 "pos_embed='none' with rope=True"
             )
-        kwargs.setdefault("class_token", False)
-        kwargs["adaptive_patching"] = True
-        super().__init__(out_chans=num_classes, fixed_length=fixed_length, **kwargs)
+        super().__init__(
+            out_chans=num_classes, fixed_length=fixed_length, class_token=class_token, adaptive_patching=True, **kwargs
+        )
         self.num_classes = num_classes
 
     def forward(

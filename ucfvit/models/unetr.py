@@ -85,6 +85,7 @@ class UNETR(VisionTransformer):
         feature_size: channels of the full-resolution decoder stage (doubling per halving).
         skip_connection: fuse intermediate encoder blocks and the image into the decoder.
         linear_decoder: replace the convolutional decoder by one linear map per token.
+        class_token: as the encoder's, off by default (the decoder reads patch tokens only).
         **encoder_kwargs: see :class:`~ucfvit.models.encoder.VisionTransformer`.
 
     The convolutional decoder needs ``patch_size`` = 2^k (k >= 1); it taps the blocks at
@@ -98,10 +99,10 @@ class UNETR(VisionTransformer):
         feature_size: int = 16,
         skip_connection: bool = True,
         linear_decoder: bool = False,
+        class_token: bool = False,
         **encoder_kwargs,
     ):
-        encoder_kwargs.setdefault("class_token", False)
-        super().__init__(**encoder_kwargs)
+        super().__init__(class_token=class_token, **encoder_kwargs)
         if num_classes <= 0 or feature_size <= 0:
             raise ValueError(f"num_classes={num_classes} and feature_size={feature_size} must be positive")
         self.num_classes, self.linear_decoder = num_classes, linear_decoder

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adaptive import masked_mean, model_input, token_layout
-from .encoder import VisionTransformer, dropout_scale, shuffle_indices
+from .encoder import PosEmbed, VisionTransformer, dropout_scale, shuffle_indices
 from .registry import FamilySpec, register_family
 from .rng import RandomSource
 
@@ -37,8 +37,9 @@ class ViT(VisionTransformer):
         drop_rate: dropout on the pooled features before ``head`` (drawn from ``rng``).
         patch_drop_rate: in training, keep a random ``max(1, int(N * (1 - rate)))`` of the patch
             tokens (prefix tokens always kept) before the blocks (timm's PatchDropout); grid input only.
-        **encoder_kwargs: see :class:`~ucfvit.models.encoder.VisionTransformer`; ``pos_embed``
-            defaults to ``"learned"``.
+        pos_embed: as the encoder's; default (None): ``"learned"``, or ``"sincos"`` with
+            ``adaptive_patching`` (a learned table needs grid positions).
+        **encoder_kwargs: see :class:`~ucfvit.models.encoder.VisionTransformer`.
     """
 
     def __init__(
@@ -49,9 +50,12 @@ class ViT(VisionTransformer):
         fc_norm: bool | None = None,
         drop_rate: float = 0.0,
         patch_drop_rate: float = 0.0,
+        pos_embed: PosEmbed | None = None,
         **encoder_kwargs,
     ):
-        encoder_kwargs.setdefault("pos_embed", "sincos" if encoder_kwargs.get("adaptive_patching") else "learned")
+        if pos_embed is None:
+            pos_embed = "sincos" if encoder_kwargs.get("adaptive_patching") else "learned"
+        encoder_kwargs["pos_embed"] = pos_embed
         if patch_drop_rate and encoder_kwargs.get("adaptive_patching"):
             raise ValueError(
                 "patch_drop_rate applies to images on the regular patch grid; with adaptive_patching choose the "

@@ -95,6 +95,11 @@ def _validate(
             "use activation_checkpointing='selective' (or compile=False)"
         )
     resolved = _resolve_plan(model, plan, sequence_parallel)
+    for pattern, style in resolved.tp.items():  # an unknown style is an error on any mesh, like a bad pattern
+        try:
+            resolve_style(style)
+        except ValueError as err:
+            raise ValueError(f"plan[{pattern!r}]: {err}") from None
     tp_matches = match_modules(model, resolved.tp)  # a pattern matching nothing is an error on any mesh
     if tp > 1:
         check_tp_divisibility(tp_matches, resolved.tp, tp)
@@ -119,8 +124,9 @@ def check_parallelizable(
     Needs no DeviceMesh, no process group and no memory: ``model`` may be on the meta device. Call
     it on every rank before building the mesh so a bad head count or plan fails everywhere at once
     instead of hanging a collective. Checks: a tensor-parallel plan exists (registered or given),
-    every plan and block pattern matches a module, ``tp`` divides every head count and sharded
-    Linear dim, the activation-checkpointing mode is known and is supported with ``compile``.
+    every plan style is known and every plan and block pattern matches a module (at any ``tp``),
+    ``tp`` divides every head count and sharded Linear dim, the activation-checkpointing mode is
+    known and is supported with ``compile``.
     The keyword arguments mean what they mean for :func:`parallelize`.
     """
     _validate(model, tp, plan, blocks, sequence_parallel, activation_checkpointing, compile)

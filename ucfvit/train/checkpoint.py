@@ -27,7 +27,8 @@ Loading a checkpoint never runs code from it, whoever wrote it:
 Corruption is caught before anything is unpickled: :func:`verify_structure` (no collective: names,
 sizes, no stray files) runs when the checkpoint is chosen, and the sha256 of every file is
 checked by the ranks together at load (:meth:`Checkpointer.load`; :func:`verify_checkpoint` does
-it in one process). Single-file safetensors export lives in :mod:`ucfvit.train.trainer`.
+it in one process). Single-file safetensors
+export lives in :mod:`ucfvit.train.export` (``export_safetensors``, ``load_exported``).
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ result on any mesh and after any resume.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import signal
 import time
@@ -19,17 +18,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from torch import nn
 
 from ucfvit.data import SyntheticImages
 from ucfvit.models import FamilySpec, build_model, get_family
-from ucfvit.models.registry import model_arguments
+from ucfvit.models.registry import model_arguments, resolved_model_kwargs
 from ucfvit.parallel import (
     MeshShape,
     check_parallelizable,
     clip_grad_norm_,
-    full_state_dict,
     local_batch_range,
     make_mesh,
     parallelize,
@@ -40,8 +37,10 @@ from ucfvit.parallel.mesh import world_size
 
 from .checkpoint import Checkpointer, decode_rng, encode_rng, read_checkpoint_config
 from .config import ARCH_OPTIONS, Config, ConfigError
+from .export import export_safetensors, load_exported  # noqa: F401 (load_exported: its former home)
 from .metrics import Throughput, append_jsonl, format_progress, peak_flops, train_flops_per_sample
 from .optim import build_optimizer, lr_at
+from .ranges import check_ranges
 from .run_dir import RunDirPlan, RunLock, inspect_run_dir, prepare_run_dir
 
 __all__ = ["train", "validate_config", "model_kwargs", "RunPlan", "TrainResult", "TrainingDiverged"]
@@ -115,8 +114,11 @@ def validate_config(cfg: Config) -> RunPlan:
     """Every check that needs no communication, and the model built once on the meta device.
 
     Runs on every rank before the first collective, so a bad option fails everywhere at once,
-    as a :class:`~ucfvit.train.config.ConfigError` (a ValueError) naming the option.
+    as a :class:`~ucfvit.train.config.ConfigError` (a ValueError) naming the option. Numeric
+    ranges come first (:func:`~ucfvit.train.ranges.check_ranges`), before anything is built or
+    written.
     """
+    check_ranges(cfg)
     try:
         return _resolve(cfg)
     except ConfigError:
@@ -128,8 +130,6 @@ def validate_config(cfg: Config) -> RunPlan:
 def _resolve(cfg: Config) -> RunPlan:
     spec = get_family(cfg.model)
     shape = parse_mesh(cfg.mesh, world_size())
-    if cfg.max_steps <= 0:
-        raise ValueError(f"--max-steps={cfg.max_steps} must be positive")
     global_batch, micro = cfg.data.global_batch_size, cfg.data.micro_batch_size
     if global_batch % shape.dp_size:
         raise ValueError(
@@ -137,10 +137,12 @@ def _resolve(cfg: Config) -> RunPlan:
             f"ddp*fsdp={shape.dp_size} of mesh {shape}"
         )
     local = global_batch // shape.dp_size
-    if micro is not None and (micro <= 0 or local % micro):
-        raise ValueError(f"--data.micro-batch-size={micro} must divide the per-rank batch {local}")
-    if cfg.metrics.log_every <= 0 or cfg.checkpoint.every < 0:
-        raise ValueError("--metrics.log-every must be positive and --checkpoint.every non-negative")
+    if micro is not None and local % micro:
+        divisors = [d for d in range(1, local + 1) if local % d == 0]
+        raise ValueError(
+            f"--data.micro-batch-size={micro} must divide the per-rank batch {local} "
+            f"(--data.global-batch-size / ddp*fsdp): choose one of {divisors}"
+        )
     with torch.device("meta"):  # shape errors, before any collective
         model = build_model(cfg.model, cfg.model_size, **model_kwargs(cfg))
     classes = getattr(model, "num_classes", None)
@@ -161,30 +163,35 @@ def _resolve(cfg: Config) -> RunPlan:
             f"{cfg.model}/{cfg.model_size} on mesh {shape}: {err} (--arch.num-heads / --arch.decoder-num-heads, "
             "--mesh and --parallel.* set these)"
         ) from err
-    if cfg.optim.skip_nonfinite < 0:
-        raise ValueError(f"--optim.skip-nonfinite={cfg.optim.skip_nonfinite} must be >= 0 (0: stop at the first)")
     run = inspect_run_dir(cfg.run.dir, cfg.checkpoint.resume, cfg.run.overwrite)  # reads only
     if run.checkpoint is not None:
-        _check_compatible(cfg, run.checkpoint, model_arguments(spec.model))
+        _check_compatible(cfg, run.checkpoint)
     return RunPlan(spec=spec, shape=shape, model=model, run=run)
 
 
-def _check_compatible(cfg: Config, ckpt: Path, accepted: set[str]) -> None:
+def _check_compatible(cfg: Config, ckpt: Path) -> None:
+    """Refuse a checkpoint whose model differs from this run's: the resolved constructor arguments
+    (family defaults <- size preset <- ``--arch``) are compared, except :data:`RUNTIME_OPTIONS`."""
     saved = read_checkpoint_config(ckpt)
-    mine = cfg.to_dict()
-    diffs = [
-        f"{k}: checkpoint {saved.get(k)!r}, this run {mine[k]!r}"
-        for k in ("model", "model_size")
-        if saved.get(k) != mine[k]
-    ]
-    diffs += [
-        f"arch.{k}: checkpoint {saved.get('arch', {}).get(k)!r}, this run {value!r}"
-        for k, value in mine["arch"].items()
-        if k in accepted and k not in RUNTIME_OPTIONS and saved.get("arch", {}).get(k) != value
-    ]
-    if diffs:
+    if saved.get("model") != cfg.model:
         raise ValueError(
-            f"checkpoint {ckpt} holds a different model ({'; '.join(diffs)}); pass matching options or a new --run.dir"
+            f"checkpoint {ckpt} holds a {saved.get('model')!r} model, this run is --model {cfg.model}: "
+            f"resume it with --model {saved.get('model')}, or use a new --run.dir"
+        )
+    try:
+        theirs = resolved_model_kwargs(
+            cfg.model, saved.get("model_size"), {k: v for k, v in saved.get("arch", {}).items() if v is not None}
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"checkpoint {ckpt}: its config.json does not describe a {cfg.model} model ({err})") from err
+    mine = resolved_model_kwargs(cfg.model, cfg.model_size, model_kwargs(cfg))
+    differ = sorted(k for k in set(mine) | set(theirs) if k not in RUNTIME_OPTIONS and mine.get(k) != theirs.get(k))
+    if differ:
+        flags = {k: f"--arch.{k.replace('_', '-')}" for k in differ}
+        diffs = "; ".join(f"{flags[k]}: checkpoint {theirs.get(k)!r}, this run {mine.get(k)!r}" for k in differ)
+        raise ValueError(
+            f"checkpoint {ckpt} holds a different model ({diffs}); to resume it, pass the checkpoint's values "
+            f"of {', '.join(flags.values())}; to train this model, use a new --run.dir"
         )
 
 
@@ -422,26 +429,3 @@ def _train(cfg: Config, plan: RunPlan, lock: RunLock) -> TrainResult:
     finally:
         stop.restore()
     return TrainResult(model, steps_done=done, stopped_early=stopped, last_loss=last_loss, run_dir=run_dir)
-
-
-def export_safetensors(model: nn.Module, cfg: Config, run_dir: Path) -> None:
-    """Write ``model.safetensors`` + ``model_config.json`` (collective gather; rank 0 writes)."""
-    state = full_state_dict(model)
-    if dist.get_rank() == 0:
-        tensors = {k: v.contiguous() for k, v in state.items()}
-        save_file(tensors, str(run_dir / "model.safetensors.tmp"))
-        os.replace(run_dir / "model.safetensors.tmp", run_dir / "model.safetensors")
-        spec = {"model": cfg.model, "size": cfg.model_size, "kwargs": model_kwargs(cfg)}
-        (run_dir / "model_config.json").write_text(json.dumps(spec, indent=2))
-        print(f"exported {run_dir / 'model.safetensors'}", flush=True)
-
-
-def load_exported(run_dir: Path, device: str = "cpu") -> nn.Module:
-    """A plain single-device model from ``model.safetensors`` + ``model_config.json``."""
-    from safetensors.torch import load_file
-
-    spec = json.loads((Path(run_dir) / "model_config.json").read_text())
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["kwargs"].items()}
-    model = build_model(spec["model"], spec["size"], **kwargs)
-    model.load_state_dict(load_file(str(Path(run_dir) / "model.safetensors"), device=device))
-    return model.to(device)

@@ -1,0 +1,130 @@
+"""Single-file export of a trained model: ``model.safetensors`` + ``model_config.json``.
+
+The export holds the full (unsharded) weights and the model's resolved constructor arguments
+(family defaults <- size preset <- ``--arch`` options, see
+:func:`ucfvit.models.registry.resolved_model_kwargs`), once in ``model_config.json`` and once in the
+safetensors header metadata. :func:`load_exported` builds a plain single-device model from them
+and checks that the two agree (a head count, ``rope`` or ``pos_embed`` change leaves the tensor
+shapes alone, so only the config can tell), that every floating-point tensor of the model is
+stored as floating point, and that the state dict fits exactly. Both files are data only: JSON and
+safetensors, never pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ucfvit.models import build_model
+from ucfvit.models.registry import resolved_model_kwargs
+from ucfvit.parallel import full_state_dict
+
+from .config import Config
+
+__all__ = [
+    "CONFIG_FILE", "METADATA_KEY", "MODEL_FILE", "export_safetensors", "exported_config", "load_exported",
+    "save_exported",
+]  # fmt: skip
+
+MODEL_FILE, CONFIG_FILE = "model.safetensors", "model_config.json"
+METADATA_KEY = "ucfvit.model_config"
+"""Key of the safetensors header metadata that holds ``model_config.json``'s content (as JSON)."""
+
+
+def exported_config(cfg: Config) -> dict[str, Any]:
+    """``{"model", "size", "kwargs"}`` of ``cfg``'s model, ``kwargs`` being every constructor
+    argument: ``build_model(model, size, **kwargs)`` rebuilds it."""
+    overrides = {k: v for k, v in vars(cfg.arch).items() if v is not None}
+    kwargs = resolved_model_kwargs(cfg.model, cfg.model_size, overrides)
+    return {"model": cfg.model, "size": cfg.model_size, "kwargs": kwargs}
+
+
+def export_safetensors(model: nn.Module, cfg: Config, run_dir: Path) -> None:
+    """Write ``model.safetensors`` + ``model_config.json`` to ``run_dir`` (collective gather; rank 0 writes)."""
+    state = full_state_dict(model)
+    if dist.get_rank() == 0:
+        save_exported(state, exported_config(cfg), run_dir)
+        print(f"exported {Path(run_dir) / MODEL_FILE}", flush=True)
+
+
+def save_exported(state: dict[str, torch.Tensor], spec: dict[str, Any], run_dir: str | Path) -> None:
+    """Write a full ``state`` dict and its :func:`exported_config` ``spec`` as an export in ``run_dir``."""
+    run_dir = Path(run_dir)
+    text = json.dumps(spec, indent=2)
+    tmp = run_dir / (MODEL_FILE + ".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={METADATA_KEY: text})
+    os.replace(tmp, run_dir / MODEL_FILE)
+    (run_dir / CONFIG_FILE).write_text(text)
+
+
+def _differences(a: Any, b: Any, where: str = "") -> list[str]:
+    """Dotted names of the fields where JSON values ``a`` and ``b`` differ (nested mappings walked)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str) for d in _differences(a.get(k), b.get(k), f"{where}{k}.")]
+    return [] if a == b else [where.rstrip(".")]
+
+
+def load_exported(run_dir: str | Path, device: str = "cpu") -> nn.Module:
+    """A plain single-device model from ``run_dir``'s ``model.safetensors`` + ``model_config.json``.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the field or tensor
+    when the files disagree with each other or with the model they describe.
+    """
+    run_dir = Path(run_dir)
+    weights, config = run_dir / MODEL_FILE, run_dir / CONFIG_FILE
+    for path in (config, weights):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} does not exist: an export is {MODEL_FILE} + {CONFIG_FILE}, written to the run directory "
+                "by --checkpoint.export-safetensors"
+            )
+    try:
+        spec = json.loads(config.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config} is not valid JSON ({err})") from err
+    if not (isinstance(spec, dict) and {"model", "size", "kwargs"} <= set(spec) and isinstance(spec["kwargs"], dict)):
+        raise ValueError(f"{config} must be a JSON object with 'model', 'size' and 'kwargs' (a mapping)")
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            header = (f.metadata() or {}).get(METADATA_KEY)
+            names = f.keys()
+            state = {k: f.get_tensor(k) for k in names}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights} is not a readable safetensors file ({err})") from err
+    if header is None:
+        raise ValueError(
+            f"{weights} has no '{METADATA_KEY}' header metadata, so {CONFIG_FILE} cannot be checked against it; "
+            "export it again with --checkpoint.export-safetensors"
+        )
+    diffs = _differences(spec, json.loads(header))
+    if diffs:
+        raise ValueError(
+            f"{config} does not describe {weights}: field(s) {diffs} differ from the config in its header; "
+            "the two files come from different exports: copy both from one run directory"
+        )
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["kwargs"].items()}
+    try:
+        model = build_model(spec["model"], spec["size"], **kwargs)
+    except ValueError as err:
+        raise ValueError(f"{config}: {err}") from err
+    expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name, tensor in state.items():
+        mine = expected.get(name)
+        if mine is not None and mine.is_floating_point() != tensor.is_floating_point():
+            raise ValueError(
+                f"{weights}: tensor {name} is stored as {tensor.dtype}, but the model's {name} is {mine.dtype}; "
+                "a floating-point tensor must be stored as floating point (and an integer one as integer)"
+            )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{weights} does not fit the model of {config}: {err}") from err
+    return model.to(device)

@@ -1,0 +1,183 @@
+"""The allowed range of every numeric training option, checked before anything is built.
+
+:data:`RANGES` maps each numeric field of :class:`~ucfvit.train.config.Config` (dotted path, the
+``--arch.*`` model options included) to a :class:`Range`; :func:`check_ranges` checks a config
+against it and raises one :class:`~ucfvit.train.config.ConfigError` naming the command-line flag,
+the value and the range. It runs first in ``validate_config``, so a value that would later divide
+by zero, overflow, or trip an assertion deep inside FSDP is refused with a one-line message, before
+the model is built or the run directory is touched. A new numeric option needs an entry here
+(``tests/test_validate.py`` fails otherwise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Config, ConfigError
+from .optim import peak_lr
+
+__all__ = ["RANGES", "Range", "check_ranges", "flag", "numeric_fields"]
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval of allowed values; ``None`` bounds are open-ended, floats must also be finite."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    """``low`` itself is excluded."""
+    high_open: bool = False
+    """``high`` itself is excluded."""
+
+    def __contains__(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or (value < self.high or (not self.high_open and value == self.high))
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"{left}{_number(self.low)}, {_number(self.high)}{right}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {_number(self.high)}"
+        return "any value"
+
+
+def _number(x: float) -> str:
+    """``2**64 - 1`` rather than its 20 digits."""
+    for k in range(20, 65):
+        for offset, text in ((0, ""), (1, " - 1")):
+            if x == 2**k - offset:
+                return f"2**{k}{text}"
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+AT_LEAST_1 = Range(1)
+AT_LEAST_0 = Range(0)
+POSITIVE = Range(0, low_open=True)
+FRACTION = Range(0, 1, high_open=True)  # a probability that must leave something: dropout, masking
+
+RANGES: dict[str, Range] = {
+    # Forward noise is keyed by the step modulo 2**32: more steps would repeat it.
+    "max_steps": Range(1, 2**32),
+    # The synthetic data draws shapes of classes 1..n-1 on a background class 0.
+    "data.num_classes": Range(2),
+    # SampleRNG keys a step's samples by a 32-bit index.
+    "data.global_batch_size": Range(1, 2**32),
+    "data.micro_batch_size": AT_LEAST_1,
+    "optim.lr": POSITIVE,
+    "optim.weight_decay": AT_LEAST_0,
+    "optim.betas": FRACTION,  # AdamW's own range, per entry
+    "optim.eps": POSITIVE,
+    "optim.grad_clip": AT_LEAST_0,  # 0: no clipping
+    "optim.skip_nonfinite": AT_LEAST_0,  # 0: stop at the first non-finite step
+    "schedule.warmup_steps": AT_LEAST_0,
+    "schedule.warmup_start_lr": AT_LEAST_0,
+    "schedule.min_lr": AT_LEAST_0,  # and at most the peak lr, checked below
+    "checkpoint.every": AT_LEAST_0,  # 0: only at the end
+    "checkpoint.keep": AT_LEAST_1,
+    "metrics.log_every": AT_LEAST_1,
+    # torch.manual_seed takes [-2**63, 2**64 - 1] and the Philox key is the seed modulo 2**64:
+    # non-negative seeds below 2**64 are the ones that give distinct runs.
+    "run.seed": Range(0, 2**64 - 1),
+    # --arch.* (None: the family's default, not checked)
+    "arch.img_size": AT_LEAST_1,  # per entry
+    "arch.patch_size": AT_LEAST_1,
+    "arch.in_chans": AT_LEAST_1,
+    "arch.embed_dim": AT_LEAST_1,
+    "arch.depth": AT_LEAST_1,
+    "arch.num_heads": AT_LEAST_1,
+    "arch.mlp_ratio": POSITIVE,
+    "arch.drop_path_rate": FRACTION,
+    "arch.attn_drop_rate": FRACTION,
+    "arch.proj_drop_rate": FRACTION,
+    "arch.pos_drop_rate": FRACTION,
+    # 0 is meaningful: residual branches start switched off and their scale learns (ReZero).
+    "arch.init_values": AT_LEAST_0,
+    "arch.fixed_length": AT_LEAST_1,
+    "arch.num_classes": AT_LEAST_1,
+    "arch.drop_rate": FRACTION,
+    "arch.patch_drop_rate": FRACTION,
+    "arch.decoder_embed_dim": AT_LEAST_1,
+    "arch.decoder_depth": AT_LEAST_0,  # 0: the decoder is its embedding, norm and prediction
+    "arch.decoder_num_heads": AT_LEAST_1,
+    "arch.decoder_mlp_ratio": POSITIVE,
+    "arch.mask_ratio": FRACTION,
+    "arch.feature_size": AT_LEAST_1,
+    "arch.time_steps": AT_LEAST_1,
+}
+
+
+def flag(path: str) -> str:
+    """The command-line flag of dotted field ``path`` (``optim.grad_clip`` -> ``--optim.grad-clip``)."""
+    return "--" + path.replace("_", "-")
+
+
+def _numeric_kind(annotation: Any) -> tuple[type, bool] | None:
+    """``(int or float, is_tuple)`` for a numeric field type (Optional and tuples included), else None."""
+    members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    members = tuple(m for m in members if m is not type(None)) or (annotation,)
+    if len(members) != 1:
+        return None
+    kind = members[0]
+    is_tuple = typing.get_origin(kind) is tuple
+    if is_tuple:
+        items = {a for a in typing.get_args(kind) if a is not Ellipsis}
+        kind = items.pop() if len(items) == 1 else None
+    return (kind, is_tuple) if kind in (int, float) else None
+
+
+def numeric_fields(cls: type = Config, prefix: str = "") -> Iterator[tuple[str, type, bool]]:
+    """``(dotted path, int or float, is_tuple)`` of every numeric field of ``cls``, nested groups included."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            yield from numeric_fields(kind, f"{prefix}{f.name}.")
+        elif (numeric := _numeric_kind(kind)) is not None:
+            yield (f"{prefix}{f.name}", *numeric)
+
+
+def _get(cfg: Config, path: str) -> Any:
+    value = cfg
+    for name in path.split("."):
+        value = getattr(value, name)
+    return value
+
+
+def check_ranges(cfg: Config) -> None:
+    """Raise a :class:`ConfigError` for the first numeric option of ``cfg`` outside its range
+    (see :data:`RANGES`), or for ``--schedule.min-lr`` above the peak learning rate."""
+    for path, kind, is_tuple in numeric_fields(type(cfg)):
+        value = _get(cfg, path)
+        if value is None:
+            continue
+        allowed = RANGES[path]
+        what = f"{'an integer' if kind is int else 'a finite number'} {_phrase(allowed)}"
+        if is_tuple and not all(v in allowed for v in value):
+            raise ConfigError(f"{flag(path)}={value} is out of range: each entry must be {what}")
+        if not is_tuple and value not in allowed:
+            raise ConfigError(f"{flag(path)}={value} is out of range: it must be {what}")
+    peak = peak_lr(cfg)
+    if cfg.schedule.min_lr > peak:
+        scaled = " (x global batch / 256 with --optim.lr-scaling linear)" if cfg.optim.lr_scaling == "linear" else ""
+        raise ConfigError(
+            f"--schedule.min-lr={cfg.schedule.min_lr} is above the peak learning rate {peak:g} "
+            f"(--optim.lr={cfg.optim.lr}{scaled}): it must be at most {peak:g}"
+        )
+
+
+def _phrase(allowed: Range) -> str:
+    text = str(allowed)
+    return f"in {text}" if text[0] in "[(" else text
