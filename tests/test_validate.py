@@ -3,6 +3,7 @@ shapes, checkpoint compatibility on resolved model options, and the checks of lo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -221,7 +222,12 @@ def fake_checkpoint(run_dir: Path, argv: list[str]) -> None:
     step.mkdir(parents=True)
     (step / ".metadata").write_bytes(b"")
     (step / "trainer_state.json").write_text("{}")
+    (step / "optimizer.json").write_text('{"param_groups": []}')
     (step / "config.json").write_text(json.dumps(parse(argv).to_dict()))
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in step.iterdir()
+    }
+    (step / "manifest.json").write_text(json.dumps({"format": "ucfvit-checkpoint/1", "files": files}))
 
 
 @pytest.mark.parametrize(
