@@ -129,6 +129,9 @@ class RunConfig:
     """Seed of initialisation, data and forward randomness."""
     overwrite: bool = False
     """Start over in a ``--run.dir`` that holds a run: delete its checkpoints, metrics and export first."""
+    collective_timeout: float = 1800.0
+    """Seconds without progress (a step, a checkpoint save or load; also every collective's timeout) before a
+    rank exits naming the step; torchrun then ends the job, a hung worker after its 30 s grace: within ~this+30 s."""
 
 
 @dataclass

@@ -91,6 +91,7 @@ RANGES: dict[str, Range] = {
     # torch.manual_seed takes [-2**63, 2**64 - 1] and the Philox key is the seed modulo 2**64:
     # non-negative seeds below 2**64 are the ones that give distinct runs.
     "run.seed": Range(0, 2**64 - 1),
+    "run.collective_timeout": POSITIVE,  # seconds; finite, as every float here
     # --arch.* (None: the family's default, not checked)
     "arch.img_size": AT_LEAST_1,  # per entry
     "arch.patch_size": AT_LEAST_1,

@@ -9,6 +9,7 @@ result on any mesh and after any resume.
 
 from __future__ import annotations
 
+import datetime
 import json
 import resource
 import signal
@@ -42,6 +43,7 @@ from .metrics import Throughput, append_jsonl, format_progress, peak_flops, trai
 from .optim import build_optimizer, lr_at
 from .ranges import check_ranges
 from .run_dir import RunDirPlan, RunLock, inspect_run_dir, prepare_run_dir
+from .watchdog import Watchdog
 
 __all__ = ["train", "validate_config", "model_kwargs", "RunPlan", "TrainResult", "TrainingDiverged"]
 
@@ -279,15 +281,16 @@ def train(cfg: Config) -> TrainResult:
     except ValueError as err:
         raise ConfigError(str(err)) from err
     try:
-        return _train(cfg, plan, lock)
+        with Watchdog(cfg.run.collective_timeout) as watchdog:  # ends a rank that stops making progress
+            return _train(cfg, plan, lock, watchdog)
     finally:
         if not dist.is_initialized() or dist.get_rank() == 0:
             lock.release()
 
 
-def _train(cfg: Config, plan: RunPlan, lock: RunLock) -> TrainResult:
+def _train(cfg: Config, plan: RunPlan, lock: RunLock, watchdog: Watchdog) -> TrainResult:
     ckpt, model = plan.checkpoint, plan.model
-    mesh = make_mesh(plan.shape)
+    mesh = make_mesh(plan.shape, timeout=datetime.timedelta(seconds=cfg.run.collective_timeout))
     rank = dist.get_rank()
     device_type = mesh.device_type
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
@@ -323,6 +326,7 @@ def _train(cfg: Config, plan: RunPlan, lock: RunLock) -> TrainResult:
 
     start_step, start_offset = 0, 0
     if ckpt is not None:
+        watchdog.progress(None, "checkpoint load")
         state = checkpointer.load(ckpt, model, optimizer)
         start_step, start_offset = state["step"], state["data_offset"]
         decode_rng(state["rng"])
@@ -345,6 +349,7 @@ def _train(cfg: Config, plan: RunPlan, lock: RunLock) -> TrainResult:
         return start_offset + (step - start_step) * global_batch
 
     def save(step: int) -> None:
+        watchdog.progress(step, "checkpoint save")
         if not _parameters_finite(model):
             raise TrainingDiverged(
                 f"step {step}: the parameters are not finite; not saving (the last checkpoint, "
@@ -361,6 +366,7 @@ def _train(cfg: Config, plan: RunPlan, lock: RunLock) -> TrainResult:
     last_loss, stopped, done = None, False, start_step
     try:
         for step in range(start_step, cfg.max_steps):
+            watchdog.progress(step + 1, "training step")  # numbered as in the logs: step N ends with N done
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -425,6 +431,7 @@ def _train(cfg: Config, plan: RunPlan, lock: RunLock) -> TrainResult:
             if done > start_step and not (cfg.checkpoint.every > 0 and cfg.max_steps % cfg.checkpoint.every == 0):
                 save(cfg.max_steps)
             if cfg.checkpoint.export_safetensors:
+                watchdog.progress(cfg.max_steps, "safetensors export")
                 export_safetensors(model, cfg, run_dir)
     finally:
         stop.restore()
