@@ -9,6 +9,7 @@ import io
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,29 @@ def test_a_bad_config_file_is_a_clear_error(tmp_path, text, match):
         load_config(path)
     with pytest.raises(ValueError, match="cannot read it"):
         load_config(tmp_path / "missing.json")
+
+
+def test_a_binary_or_malformed_yaml_config_is_a_clear_error(tmp_path, monkeypatch):
+    import pickle
+    import types
+
+    binary = tmp_path / "config.json"
+    binary.write_bytes(pickle.dumps({"model": "vit"}))  # e.g. a pickle where a config was expected
+    with pytest.raises(ValueError, match=r"config.json: not a text file \(byte 0 is not UTF-8\)"):
+        load_config(binary)
+
+    class YAMLError(Exception):
+        pass
+
+    def safe_load(text):
+        raise YAMLError("mapping values are not allowed here\n  in line 1, column 6")
+
+    # PyYAML is optional (not installed in CI): stand in for it, as its loader fails on bad YAML.
+    monkeypatch.setitem(sys.modules, "yaml", types.SimpleNamespace(safe_load=safe_load, YAMLError=YAMLError))
+    bad = tmp_path / "config.yaml"
+    bad.write_text("a: b: c")
+    with pytest.raises(ValueError, match=r"config.yaml: not valid YAML \(mapping values .* column 6\)$"):
+        load_config(bad)
 
 
 def test_the_recipe_reports_a_bad_option_in_one_line_without_traceback(tmp_path):

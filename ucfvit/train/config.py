@@ -223,15 +223,20 @@ def load_config(path: str | Path) -> Config:
     Data only: JSON/YAML safe loading, never code."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as err:
         raise ConfigError(f"--config {path}: cannot read it ({err.strerror})") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config {path}: not a text file (byte {err.start} is not UTF-8)") from err
     if path.suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError as err:
             raise ConfigError(f"--config {path}: YAML needs PyYAML (pip install pyyaml), or pass a .json file") from err
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config {path}: not valid YAML ({' '.join(str(err).split())})") from err
     else:
         try:
             data = json.loads(text)
