@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import sys
 
+from ucfvit.train.checkpoint import CheckpointError
 from ucfvit.train.cli import parse
 from ucfvit.train.config import ConfigError
+from ucfvit.train.export import ExportError
 from ucfvit.train.trainer import TrainingDiverged, train
 
 
@@ -26,6 +28,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"recipes/train.py: error: {err}")
     except TrainingDiverged as err:  # the same message on every rank; nothing non-finite was saved
         sys.exit(f"recipes/train.py: diverged: {err}")
+    except CheckpointError as err:  # a checkpoint refused at load, or a save that failed (on every rank)
+        sys.exit(f"recipes/train.py: checkpoint error: {err}")
+    except ExportError as err:  # rank 0 only; the other ranks have finished
+        sys.exit(f"recipes/train.py: export error: {err}")
 
 
 if __name__ == "__main__":

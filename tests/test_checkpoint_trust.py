@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -341,3 +342,46 @@ def test_saving_a_step_again_keeps_a_copy_through_a_crash(tmp_path, monkeypatch)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000001"]
     assert is_complete(root / "step-00000001")
     assert json.loads((root / "step-00000001" / "trainer_state.json").read_text()) == {"save": 3}
+
+
+# --------------------------------------------------------------------------- failing saves
+
+
+def test_a_failing_save_stops_every_rank_alike_and_keeps_the_last_checkpoint(reference, tmp_path):
+    """A full disk during the shard writes (all ranks) and during rank 0's JSON/manifest writes:
+    both raise the same CheckpointError on every rank (no rank left waiting), naming the step and
+    the checkpoint kept; no partial step-4 stays; resuming afterwards gives the reference losses.
+    An export that fails is an ExportError on rank 0, leaves no partial file, and the same command
+    again writes it."""
+    shard = (reference / STEP2 / "__0_0.distcp").stat().st_size
+    run = tmp_path / "run"
+    argv = [*ARGV, "--mesh", "1x2x1", "--checkpoint.every", "2"]
+    outs = run_ranks(2, "trust_cases:failing_saves", argv, str(run), shard // 2)
+    export = [o.pop("export") for o in outs]  # rank 0 writes the export
+    assert export[1] == "exported" and re.fullmatch(
+        rf"ExportError: writing {re.escape(str(run / 'model.safetensors'))} failed \(\[Errno 28\] No space left on "
+        r"device: .*\); the checkpoints are intact: free space and run the same command again to export",
+        export[0],
+    ), export
+    assert outs[0] == outs[1], outs
+    out, ckpts = outs[0], re.escape(str(run / "checkpoints"))
+    causes = {
+        # torch's zip writer reports a short write as "unexpected pos", the file system as EFBIG
+        "disk full": r"rank \d: (OSError: \[Errno 27\] File too large|RuntimeError: .*unexpected pos)",
+        "rank 0 cannot write": r"rank 0, writing the JSON files and the manifest: \[Errno 28\] No space left",
+    }
+    for case, cause in causes.items():
+        assert re.fullmatch(
+            rf"CheckpointError: saving checkpoint {ckpts}/step-00000004 failed \({cause}.*\); the last checkpoint, "
+            rf"{ckpts}/step-00000002, is intact\. If the disk or quota is full, free space under {ckpts}, then "
+            r"resume with --checkpoint.resume auto",
+            out[case],
+        ), (case, out[case])
+    assert out["listing"] == "latest step-00000002"
+    assert out["afterwards"] == "resumed to 4"
+    assert out["export files"] == ""  # no partial model.safetensors.tmp is left
+    assert out["export afterwards"] == "model.safetensors model_config.json"
+    ref, resumed = losses(reference), losses(run)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step, (value,) in resumed.items():
+        assert abs(value - ref[step][0]) <= 1e-6, (step, value, ref[step][0])

@@ -41,6 +41,7 @@ import os
 import pickle
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path, PosixPath
 from typing import Any
 
@@ -408,6 +409,11 @@ class _SafeReader(FileSystemReader):
         return done
 
 
+def _first_line(err: BaseException) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0][:300]}" if lines else type(err).__name__
+
+
 def _reason(err: Exception) -> str:
     """The line of a torch.load error that says why, without its advice to retry with weights_only=False."""
     lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
@@ -483,24 +489,53 @@ class Checkpointer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.last_saved: Path | None = None  # the newest checkpoint this run wrote or resumed from
 
-    def _barrier(self) -> None:
+    def _rank0(self, what: str, step_dir: Path, action: Callable[[], None]) -> None:
+        """Run ``action`` on rank 0 and tell every rank how it went (this is also the barrier): a
+        failed write (a full disk, a quota) raises the same :class:`CheckpointError` on every rank
+        instead of leaving the others waiting for rank 0."""
+        error = None
+        if self.rank == 0:
+            try:
+                action()
+            except OSError as err:
+                error = f"rank 0, {what}: {err}"
         if dist.is_initialized():
-            dist.barrier()
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise self._save_failed(step_dir, error)
+
+    def _save_failed(self, step_dir: Path, reason: str) -> CheckpointError:
+        if self.rank == 0:  # free the space the partial copy holds; the next start would remove it anyway
+            shutil.rmtree(step_dir.with_name(step_dir.name + ".tmp"), ignore_errors=True)
+        kept = f"the last checkpoint, {self.last_saved}, is intact" if self.last_saved else "no checkpoint was kept"
+        return CheckpointError(
+            f"saving checkpoint {step_dir} failed ({reason}); {kept}. If the disk or quota is full, free space "
+            f"under {self.root}, then resume with --checkpoint.resume auto"
+        )
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, config: dict) -> Path:
-        """Collective: every rank must call it at the same step."""
+        """Collective: every rank must call it at the same step. A failed write raises
+        :class:`CheckpointError` on every rank and leaves the previous checkpoint as it was."""
         final = self.root / f"step-{step:08d}"
         tmp, aside = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
-        if self.rank == 0:
+
+        def make_tmp() -> None:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
             tmp.mkdir()
-        self._barrier()
+
+        self._rank0("creating the directory", final, make_tmp)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         groups = _groups_to_json(optim_sd["param_groups"])
         tensors = {"model": model_sd, "optim": {"state": optim_sd["state"]}}
         _tensors_only(tensors)
-        dcp.save(tensors, checkpoint_id=str(tmp))
+        try:
+            dcp.save(tensors, checkpoint_id=str(tmp))
+        except CheckpointException as err:  # every rank gets every rank's failures: all raise alike
+            rank = min(err.failures)
+            raise self._save_failed(final, f"rank {rank}: {_first_line(err.failures[rank][0])}") from None
         # Each rank hashes the shards it wrote and the ranks share them (this is also the barrier).
         # Listed before the exchange: DCP has finished on every rank and rank 0 writes nothing yet.
         names = os.listdir(tmp)
@@ -513,7 +548,8 @@ class Checkpointer:
         stray = sorted(set(names) - set(files) - {METADATA})
         if stray:  # the same listing on every rank, so that all of them raise
             raise CheckpointError(f"{tmp} holds {stray}, which no rank accounted for (a DCP writer change?)")
-        if self.rank == 0:
+
+        def finish() -> None:
             write_atomic(tmp / CONFIG_FILE, json.dumps(config, indent=2))
             write_atomic(tmp / STATE_FILE, json.dumps(state))
             write_atomic(tmp / OPTIM_FILE, json.dumps({"param_groups": groups}))
@@ -530,7 +566,8 @@ class Checkpointer:
             _fsync_dir(self.root)
             write_atomic(self.root / LATEST, final.name)
             self._prune()
-        self._barrier()
+
+        self._rank0("writing the JSON files and the manifest", final, finish)
         self.last_saved = final
         return final
 

@@ -27,16 +27,21 @@ from ucfvit.models import build_model
 from ucfvit.models.registry import resolved_model_kwargs
 from ucfvit.parallel import full_state_dict
 
+from .checkpoint import write_atomic
 from .config import Config
 
 __all__ = [
-    "CONFIG_FILE", "METADATA_KEY", "MODEL_FILE", "export_safetensors", "exported_config", "load_exported",
-    "save_exported",
+    "CONFIG_FILE", "METADATA_KEY", "MODEL_FILE", "ExportError", "export_safetensors", "exported_config",
+    "load_exported", "save_exported",
 ]  # fmt: skip
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "model_config.json"
 METADATA_KEY = "ucfvit.model_config"
 """Key of the safetensors header metadata that holds ``model_config.json``'s content (as JSON)."""
+
+
+class ExportError(RuntimeError):
+    """The export could not be written (a full disk, a quota); the run's checkpoints are unaffected."""
 
 
 def exported_config(cfg: Config) -> dict[str, Any]:
@@ -51,7 +56,14 @@ def export_safetensors(model: nn.Module, cfg: Config, run_dir: Path) -> None:
     """Write ``model.safetensors`` + ``model_config.json`` to ``run_dir`` (collective gather; rank 0 writes)."""
     state = full_state_dict(model)
     if dist.get_rank() == 0:
-        save_exported(state, exported_config(cfg), run_dir)
+        try:
+            save_exported(state, exported_config(cfg), run_dir)
+        except (OSError, SafetensorError) as err:
+            (Path(run_dir) / (MODEL_FILE + ".tmp")).unlink(missing_ok=True)
+            raise ExportError(
+                f"writing {Path(run_dir) / MODEL_FILE} failed ({err}); the checkpoints are intact: free space and "
+                "run the same command again to export"
+            ) from None
         print(f"exported {Path(run_dir) / MODEL_FILE}", flush=True)
 
 
@@ -62,7 +74,7 @@ def save_exported(state: dict[str, torch.Tensor], spec: dict[str, Any], run_dir:
     tmp = run_dir / (MODEL_FILE + ".tmp")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={METADATA_KEY: text})
     os.replace(tmp, run_dir / MODEL_FILE)
-    (run_dir / CONFIG_FILE).write_text(text)
+    write_atomic(run_dir / CONFIG_FILE, text)
 
 
 def _differences(a: Any, b: Any, where: str = "") -> list[str]:
