@@ -157,9 +157,10 @@ def signal_all(pids: set[int], sig: int) -> None:
             os.kill(pid, sig)
 
 
-def kill_everything(proc: subprocess.Popen, tag: str) -> None:
-    """SIGCONT + SIGKILL the process, its descendants, its group and everything with the case's tag."""
-    pids = {proc.pid} | descendants(proc.pid) | tagged(tag)
+def kill_everything(proc: subprocess.Popen) -> None:
+    """SIGCONT + SIGKILL the process, its descendants, its group and everything with its tag (one
+    per started command: a case's other commands, e.g. a run it checks for interference, live on)."""
+    pids = {proc.pid} | descendants(proc.pid) | tagged(proc._fm_tag)  # type: ignore[attr-defined]
     signal_all(pids, signal.SIGCONT)
     signal_all(pids, signal.SIGKILL)
     with contextlib.suppress(OSError):
@@ -613,9 +614,9 @@ class Ctx:
         full_env.setdefault("OMP_NUM_THREADS", "1")
         full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         full_env["PYTHONUNBUFFERED"] = "1"
-        full_env[TAG_VAR] = self.tag
-        full_env.update(env or {})
         self.count += 1
+        full_env[TAG_VAR] = f"{self.tag}.{self.count}"
+        full_env.update(env or {})
         log = self.dir / f"{self.count:02d}.log"
         with open(log, "w") as f:
             f.write("$ " + shlex.join(cmd) + "\n")
@@ -630,6 +631,7 @@ class Ctx:
                 start_new_session=True,
             )
         proc._fm_start = time.monotonic()  # type: ignore[attr-defined]
+        proc._fm_tag = full_env[TAG_VAR]  # type: ignore[attr-defined]
         return proc, log
 
     def finish(self, proc: subprocess.Popen, log: Path, timeout: float) -> Result:
@@ -639,7 +641,7 @@ class Ctx:
         except subprocess.TimeoutExpired:
             rc = None
         elapsed = time.monotonic() - start
-        kill_everything(proc, self.tag)  # stragglers (torchrun workers) even after a clean exit
+        kill_everything(proc)  # stragglers (torchrun workers) even after a clean exit
         text = log.read_text(errors="replace")
         return Result(rc=rc, out=text.split("\n", 1)[1] if "\n" in text else "", elapsed=elapsed, log=log)
 
@@ -648,7 +650,7 @@ class Ctx:
         try:
             return self.finish(proc, log, timeout)
         finally:
-            kill_everything(proc, self.tag)
+            kill_everything(proc)
 
     def copy_template(self, name: str, dest: str = "run") -> tuple[Path, dict[str, Any], int]:
         src = self.m.template(name)
@@ -1043,7 +1045,7 @@ def concurrent_runs(ctx: Ctx, second: str) -> tuple[bool, str]:
             problems = success_problems(check, "resume of the first run")
         return judge(problems, f"second refused: {last_line(res.out)}")
     finally:
-        kill_everything(first, ctx.tag)
+        kill_everything(first)
 
 
 def stale_tmp(ctx: Ctx, ahead: int) -> tuple[bool, str]:
@@ -1082,7 +1084,7 @@ def metrics_after_crash(ctx: Ctx) -> tuple[bool, str]:
         else:
             return False, f"inconclusive: could not interrupt the run ({proc.poll()})"
     finally:
-        kill_everything(proc, ctx.tag)
+        kill_everything(proc)
     killed_at = max_logged_step(run)
     res = ctx.run({**flags, "--max-steps": str(killed_at + 5), "--checkpoint.resume": "auto"})
     problems = success_problems(res, "resume") + duplicated_steps(run)[:2]
@@ -1216,7 +1218,7 @@ def hang(ctx: Ctx, model: str, mesh: str, rank: str, sig: str) -> tuple[bool, st
     try:
         if not ctx.wait_for_step(proc, run, log, 2, TIMEOUT):
             return False, f"training never started ({proc.poll()}): {last_line(log.read_text())}"
-        ranks = workers(proc, ctx.tag)
+        ranks = workers(proc, proc._fm_tag)  # type: ignore[attr-defined]
         target = ranks.get(n - 1 if rank == "last" else 0)
         if target is None:
             raise HarnessError(f"worker not found among {ranks}")
@@ -1231,7 +1233,7 @@ def hang(ctx: Ctx, model: str, mesh: str, rank: str, sig: str) -> tuple[bool, st
             return False, f"exit 0 after {sig} of a rank ({took:.0f} s)"
         return True, f"ended with exit {rc} {took:.0f} s after {sig}"
     finally:
-        kill_everything(proc, ctx.tag)
+        kill_everything(proc)
 
 
 # ---- misc -----------------------------------------------------------------------------------
@@ -1362,7 +1364,7 @@ def sigterm(ctx: Ctx, nproc: int) -> tuple[bool, str]:
         os.kill(proc.pid, signal.SIGTERM)
         res = ctx.finish(proc, log, (time.monotonic() - proc._fm_start) + 60)  # type: ignore[attr-defined]
     finally:
-        kill_everything(proc, ctx.tag)
+        kill_everything(proc)
     problems = []
     if res.timed_out:
         return False, "did not stop within 60 s of SIGTERM"

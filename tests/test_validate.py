@@ -117,8 +117,20 @@ REFUSED = [
     ),
     # Shapes the model cannot run with although each option is in range: one line, before any build.
     (["--arch.rope", "True", "--arch.embed-dim", "24"], r"head width embed_dim / num_heads = 24 / 8 = 3 must be even"),
-    (["--arch.mlp-ratio", "0.01"], r"mlp_ratio=0.01 leaves the MLP no hidden feature at embed_dim=64"),
-    (["--arch.decoder-mlp-ratio", "0.01"], r"decoder_mlp_ratio=0.01 leaves the MLP no hidden feature"),
+    # The model's own messages name the flags that set the options (and the family/size).
+    (
+        ["--arch.mlp-ratio", "0.01"],
+        r"^mae/debug: --arch.mlp-ratio=0.01 leaves the MLP no hidden feature at --arch.embed-dim=64",
+    ),
+    (["--arch.decoder-mlp-ratio", "0.01"], r"--arch.decoder-mlp-ratio=0.01 leaves the MLP no hidden feature"),
+    (
+        ["--arch.img-size", "16", "16", "--arch.patch-size", "5"],
+        r"^mae/debug: --arch.img-size=\(16, 16\) must be divisible by --arch.patch-size=5 along every axis",
+    ),
+    (
+        ["--arch.decoder-num-heads", "3"],
+        r"^mae/debug: --arch.decoder-embed-dim=32 must be divisible by --arch.decoder-num-heads=3$",
+    ),
     (["--data.micro-batch-size", "3"], r"must divide the per-rank batch 16 .*: choose one of \[1, 2, 4, 8, 16\]$"),
 ]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import resource
 import signal
 import time
@@ -145,8 +146,12 @@ def _resolve(cfg: Config) -> RunPlan:
             f"--data.micro-batch-size={micro} must divide the per-rank batch {local} "
             f"(--data.global-batch-size / ddp*fsdp): choose one of {divisors}"
         )
+    kwargs = model_kwargs(cfg)
     with torch.device("meta"):  # shape errors, before any collective
-        model = build_model(cfg.model, cfg.model_size, **model_kwargs(cfg))
+        try:
+            model = build_model(cfg.model, cfg.model_size, **kwargs)
+        except ValueError as err:
+            raise ValueError(f"{cfg.model}/{cfg.model_size}: {_as_flags(str(err))}") from err
     classes = getattr(model, "num_classes", None)
     if classes is not None and classes < cfg.data.num_classes:
         raise ValueError(
@@ -169,6 +174,17 @@ def _resolve(cfg: Config) -> RunPlan:
     if run.checkpoint is not None:
         _check_compatible(cfg, run.checkpoint)
     return RunPlan(spec=spec, shape=shape, model=model, run=run)
+
+
+def _as_flags(message: str) -> str:
+    """A constructor's message with the model options it names spelled as the flags that set them
+    (``embed_dim=60`` -> ``--arch.embed-dim=60``)."""
+
+    def spell(match: re.Match) -> str:
+        name = match.group(1)
+        return f"--arch.{name.replace('_', '-')}=" if name in ARCH_OPTIONS else match.group(0)
+
+    return re.sub(r"(?<![\w.-])([a-z][a-z0-9_]*)=", spell, message)
 
 
 def _check_compatible(cfg: Config, ckpt: Path) -> None:
