@@ -73,19 +73,22 @@ def test_resume_by_path_from_an_older_step_moves_the_later_branch_aside(tmp_path
     train(run, ["--max-steps", "6", "--checkpoint.every", "2", "--checkpoint.keep", "3"])
     old_step4 = snapshot(run / "checkpoints" / "step-00000004")
     chosen = run / "checkpoints" / "step-00000002"
-    out = train(run, ["--max-steps", "3", "--checkpoint.keep", "2", "--checkpoint.resume", str(chosen)])
-    assert out["steps"] == 3
-    # The chosen checkpoint survives its own resume (before: the old branch's higher steps won the
-    # pruning, deleting it and the new step-3), and the new branch continues from it.
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000002", "step-00000003"]
+    branch = ["--max-steps", "5", "--checkpoint.every", "1", "--checkpoint.keep", "2"]
+    out = train(run, [*branch, "--checkpoint.resume", str(chosen)])
+    assert out["steps"] == 5
+    # The chosen checkpoint survives its own resume, also when this run's own saves (3, 4, 5) exceed
+    # --checkpoint.keep (before: the old branch's higher steps won the pruning, deleting it and the
+    # new step-3), and the new branch continues from it.
+    listing = ["latest", "step-00000002", "step-00000004", "step-00000005"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == listing
     (aside,) = (run / "abandoned").iterdir()
     assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "step-00000004", "step-00000006"]
     assert snapshot(aside / "step-00000004") == old_step4  # moved, not changed
-    assert logged_steps(run / "metrics.jsonl") == [1, 2, 3]  # no step twice
+    assert logged_steps(run / "metrics.jsonl") == [1, 2, 3, 4, 5]  # no step twice
     assert logged_steps(aside / "metrics.jsonl") == [3, 4, 5, 6]
     # auto continues the new branch
-    assert train(run, ["--max-steps", "4"])["steps"] == 4
-    assert logged_steps(run / "metrics.jsonl") == [1, 2, 3, 4]
+    assert train(run, ["--max-steps", "6"])["steps"] == 6
+    assert logged_steps(run / "metrics.jsonl") == [1, 2, 3, 4, 5, 6]
 
 
 def test_second_concurrent_run_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path):

@@ -488,6 +488,7 @@ class Checkpointer:
         self.keep = max(1, keep)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.last_saved: Path | None = None  # the newest checkpoint this run wrote or resumed from
+        self.resumed_from: Path | None = None  # never pruned by this run (a branch may start from an old step)
 
     def _rank0(self, what: str, step_dir: Path, action: Callable[[], None]) -> None:
         """Run ``action`` on rank 0 and tell every rank how it went (this is also the barrier): a
@@ -572,8 +573,10 @@ class Checkpointer:
         return final
 
     def _prune(self) -> None:
+        """Keep the newest ``keep`` checkpoints, and the one this run resumed from."""
         for old in _complete_checkpoints(self.root)[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if self.resumed_from is None or old.resolve() != self.resumed_from.resolve():
+                shutil.rmtree(old, ignore_errors=True)
 
     def load(self, ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """Load model and optimizer (resharded onto this run's mesh); return the trainer state.
@@ -601,5 +604,5 @@ class Checkpointer:
             raise CheckpointError(message) from None
         optim = {"state": tensors["optim"]["state"], "param_groups": groups}
         set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=optim)
-        self.last_saved = ckpt
+        self.last_saved = self.resumed_from = ckpt
         return state

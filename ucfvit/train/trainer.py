@@ -439,8 +439,8 @@ def _train(cfg: Config, plan: RunPlan, lock: RunLock, watchdog: Watchdog) -> Tra
                 break
         if start_step >= cfg.max_steps and rank == 0:
             print(
-                f"nothing to train: {ckpt} is at step {start_step} and --max-steps is {cfg.max_steps} "
-                "(raise --max-steps to train longer)",
+                f"nothing to train: {ckpt} is at step {start_step}, so --max-steps {cfg.max_steps} is already "
+                "reached (raise --max-steps to train longer)",
                 flush=True,
             )
         if not stopped:
