@@ -229,6 +229,10 @@ def build_cases(reference: Path, tmp: Path) -> tuple[list[list[str]], dict[str, 
         (run / "checkpoints").mkdir(parents=True)
         (run / "checkpoints" / "latest").write_text(str(latest))
         add(name, "auto", run, "not a step-N directory beside it: refusing to follow it")
+    run = tmp / "latest-pickle"  # binary junk (here a pickle) in place of the latest pointer
+    copy_checkpoint(src, run)
+    (run / "checkpoints" / "latest").write_bytes(pickle.dumps(Exec(tmp / "MARKER-latest")))
+    add("latest-pickle", "auto", run, f"{run / 'checkpoints' / 'latest'} names '")
     run = tmp / "link-outside"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "step-00000002").symlink_to(elsewhere / STEP2)

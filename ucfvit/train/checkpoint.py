@@ -134,10 +134,10 @@ def find_checkpoint(run_or_ckpt: Path) -> Path | None:
         return None
     latest = root / LATEST
     if latest.is_file():
-        name = latest.read_text().strip()
+        name = latest.read_bytes()[:256].decode("utf-8", "replace").strip()  # a short name, whatever the file holds
         if _STEP_DIR.fullmatch(name) is None:
             raise CheckpointError(
-                f"{latest} names {name!r}, not a step-N directory beside it: refusing to follow it "
+                f"{latest} names {name[:40]!r}, not a step-N directory beside it: refusing to follow it "
                 f"(pass the checkpoint with --checkpoint.resume PATH, or remove {latest} to use the newest step-N)"
             )
         if os.path.lexists(root / name):
