@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import sys
 
+import torch.distributed as dist
+
 from ucfvit.train.checkpoint import CheckpointError
 from ucfvit.train.cli import parse
 from ucfvit.train.config import ConfigError
@@ -22,16 +24,23 @@ from ucfvit.train.trainer import TrainingDiverged, train
 
 
 def main(argv: list[str] | None = None) -> None:
+    error = None
     try:
         train(parse(sys.argv[1:] if argv is None else argv, description=__doc__))
     except ConfigError as err:  # a bad option: one line naming it, no traceback
-        sys.exit(f"recipes/train.py: error: {err}")
+        error = f"error: {err}"
     except TrainingDiverged as err:  # the same message on every rank; nothing non-finite was saved
-        sys.exit(f"recipes/train.py: diverged: {err}")
+        error = f"diverged: {err}"
     except CheckpointError as err:  # a checkpoint refused at load, or a save that failed (on every rank)
-        sys.exit(f"recipes/train.py: checkpoint error: {err}")
+        error = f"checkpoint error: {err}"
     except ExportError as err:  # rank 0 only; the other ranks have finished
-        sys.exit(f"recipes/train.py: export error: {err}")
+        error = f"export error: {err}"
+    # Every rank gets here alike (done, or an error every rank raised; the export's is local). Left
+    # to interpreter exit, gloo's threads can abort the process (SIGABRT, pytorch/pytorch#190489).
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if error is not None:
+        sys.exit(f"recipes/train.py: {error}")
 
 
 if __name__ == "__main__":
