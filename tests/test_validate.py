@@ -330,6 +330,9 @@ def test_load_exported_refuses_integer_weights_missing_header_and_extra_tensors(
     save_file(state, str(tmp_path / MODEL_FILE))
     with pytest.raises(ValueError, match=rf"has no '{METADATA_KEY}' header metadata"):
         load_exported(tmp_path)
+    save_file(state, str(tmp_path / MODEL_FILE), {METADATA_KEY: "{not json"})
+    with pytest.raises(ValueError, match=rf"{MODEL_FILE}: its '{METADATA_KEY}' header metadata is not valid JSON"):
+        load_exported(tmp_path)
 
 
 def test_load_exported_names_a_missing_or_broken_file(tmp_path):
@@ -342,4 +345,7 @@ def test_load_exported_names_a_missing_or_broken_file(tmp_path):
     export(tmp_path, [])
     (tmp_path / CONFIG_FILE).write_text("{not json")
     with pytest.raises(ValueError, match=r"model_config.json is not valid JSON"):
+        load_exported(tmp_path)
+    (tmp_path / CONFIG_FILE).write_bytes(b"\x80\x04 a pickle, not JSON")
+    with pytest.raises(ValueError, match=r"model_config.json is not valid JSON \('utf-8' codec can't decode"):
         load_exported(tmp_path)

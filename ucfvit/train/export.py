@@ -99,8 +99,8 @@ def load_exported(run_dir: str | Path, device: str = "cpu") -> nn.Module:
                 "by --checkpoint.export-safetensors"
             )
     try:
-        spec = json.loads(config.read_text())
-    except json.JSONDecodeError as err:
+        spec = json.loads(config.read_bytes())
+    except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError for a binary file
         raise ValueError(f"{config} is not valid JSON ({err})") from err
     if not (isinstance(spec, dict) and {"model", "size", "kwargs"} <= set(spec) and isinstance(spec["kwargs"], dict)):
         raise ValueError(f"{config} must be a JSON object with 'model', 'size' and 'kwargs' (a mapping)")
@@ -116,7 +116,11 @@ def load_exported(run_dir: str | Path, device: str = "cpu") -> nn.Module:
             f"{weights} has no '{METADATA_KEY}' header metadata, so {CONFIG_FILE} cannot be checked against it; "
             "export it again with --checkpoint.export-safetensors"
         )
-    diffs = _differences(spec, json.loads(header))
+    try:
+        header_spec = json.loads(header)
+    except ValueError as err:
+        raise ValueError(f"{weights}: its '{METADATA_KEY}' header metadata is not valid JSON ({err})") from err
+    diffs = _differences(spec, header_spec)
     if diffs:
         raise ValueError(
             f"{config} does not describe {weights}: field(s) {diffs} differ from the config in its header; "
