@@ -39,10 +39,10 @@ from ucfvit.parallel.mesh import world_size
 
 from .checkpoint import Checkpointer, decode_rng, encode_rng, read_checkpoint_config
 from .config import ARCH_OPTIONS, Config, ConfigError
-from .export import export_safetensors, load_exported  # noqa: F401 (load_exported: its former home)
+from .export import export_safetensors, exported_config, load_exported  # noqa: F401 (load_exported: its former home)
 from .metrics import Throughput, append_jsonl, format_progress, peak_flops, train_flops_per_sample
 from .optim import build_optimizer, lr_at
-from .ranges import check_ranges
+from .ranges import check_ranges, flag
 from .run_dir import RunDirPlan, RunLock, inspect_run_dir, prepare_run_dir
 from .watchdog import Watchdog
 
@@ -101,7 +101,7 @@ def model_kwargs(cfg: Config) -> dict:
     stray = sorted(set(values) - accepted)
     if stray:
         where = "; ".join(
-            f"--arch.{k.replace('_', '-')} applies to {', '.join(_families_taking(k)) or 'no family'}" for k in stray
+            f"{flag('arch.' + k)} applies to {', '.join(_families_taking(k)) or 'no family'}" for k in stray
         )
         raise ValueError(
             f"--model {cfg.model} does not take {stray} ({where}); remove the option or pick another --model"
@@ -182,7 +182,7 @@ def _as_flags(message: str) -> str:
 
     def spell(match: re.Match) -> str:
         name = match.group(1)
-        return f"--arch.{name.replace('_', '-')}=" if name in ARCH_OPTIONS else match.group(0)
+        return f"{flag('arch.' + name)}=" if name in ARCH_OPTIONS else match.group(0)
 
     return re.sub(r"(?<![\w.-])([a-z][a-z0-9_]*)=", spell, message)
 
@@ -202,10 +202,10 @@ def _check_compatible(cfg: Config, ckpt: Path) -> None:
         )
     except (TypeError, ValueError) as err:
         raise ValueError(f"checkpoint {ckpt}: its config.json does not describe a {cfg.model} model ({err})") from err
-    mine = resolved_model_kwargs(cfg.model, cfg.model_size, model_kwargs(cfg))
+    mine = exported_config(cfg)["kwargs"]
     differ = sorted(k for k in set(mine) | set(theirs) if k not in RUNTIME_OPTIONS and mine.get(k) != theirs.get(k))
     if differ:
-        flags = {k: f"--arch.{k.replace('_', '-')}" for k in differ}
+        flags = {k: flag(f"arch.{k}") for k in differ}
         diffs = "; ".join(f"{flags[k]}: checkpoint {theirs.get(k)!r}, this run {mine.get(k)!r}" for k in differ)
         raise ValueError(
             f"checkpoint {ckpt} holds a different model ({diffs}); to resume it, pass the checkpoint's values "
