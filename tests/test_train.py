@@ -135,6 +135,10 @@ def test_resume_compares_the_resolved_model_options(tmp_path):
         cfg = parse(["--model", "mae", option, str("rope" in option), *common])
         with pytest.raises(ValueError, match=message + r"; to resume it, pass the checkpoint's values of " + option):
             validate_config(cfg)
+    # Through train() on two ranks: every rank refuses alike, before any collective.
+    argv = ["--mesh", "1x2x1", "--arch.depth", "3", *common]
+    for msg in run_ranks(2, "train_cases:error", "mae", argv, timeout=120):
+        assert re.search(r"holds a different model \(--arch.depth: checkpoint 2, this run 3\)", msg), msg
 
 
 @pytest.mark.parametrize("when", ["start", "after_shards"])
