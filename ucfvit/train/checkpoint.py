@@ -27,8 +27,10 @@ Loading a checkpoint never runs code from it, whoever wrote it:
 Corruption is caught before anything is unpickled: :func:`verify_structure` (no collective: names,
 sizes, no stray files) runs when the checkpoint is chosen, and the sha256 of every file is
 checked by the ranks together at load (:meth:`Checkpointer.load`; :func:`verify_checkpoint` does
-it in one process). Single-file safetensors
-export lives in :mod:`ucfvit.train.export` (``export_safetensors``, ``load_exported``).
+it in one process). A save whose writes fail (a full disk) raises the same
+:class:`CheckpointError` on every rank and removes its partial copy; a run never prunes the
+checkpoint it resumed from. Single-file safetensors export lives in :mod:`ucfvit.train.export`
+(``export_safetensors``, ``load_exported``).
 """
 
 from __future__ import annotations
