@@ -278,6 +278,15 @@ def test_resume_refuses_a_different_model_naming_both_values(resumed, match, tmp
         validate_config(cfg)
 
 
+def test_a_checkpoint_named_by_path_of_another_model_offers_dropping_the_path(tmp_path):
+    fake_checkpoint(tmp_path / "vit-run", ["--model", "vit", "--run.dir", str(tmp_path / "vit-run")])
+    ckpt = tmp_path / "vit-run" / "checkpoints" / "step-00000001"
+    cfg = parse(["--model", "mae", "--checkpoint.resume", str(ckpt), "--run.dir", str(tmp_path / "new")])
+    with pytest.raises(ConfigError, match=r"resume it with --model vit, or drop --checkpoint.resume \(start fresh\)$"):
+        validate_config(cfg)
+    assert not (tmp_path / "new").exists()
+
+
 # --- load_exported -----------------------------------------------------------------------------
 
 

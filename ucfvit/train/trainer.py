@@ -191,10 +191,12 @@ def _check_compatible(cfg: Config, ckpt: Path) -> None:
     """Refuse a checkpoint whose model differs from this run's: the resolved constructor arguments
     (family defaults <- size preset <- ``--arch``) are compared, except :data:`RUNTIME_OPTIONS`."""
     saved = read_checkpoint_config(ckpt)
+    # The other way out: this run's directory holds the checkpoint (auto), or the user named it.
+    fresh = "use a new --run.dir" if cfg.checkpoint.resume == "auto" else "drop --checkpoint.resume (start fresh)"
     if saved.get("model") != cfg.model:
         raise ValueError(
             f"checkpoint {ckpt} holds a {saved.get('model')!r} model, this run is --model {cfg.model}: "
-            f"resume it with --model {saved.get('model')}, or use a new --run.dir"
+            f"resume it with --model {saved.get('model')}, or {fresh}"
         )
     try:
         theirs = resolved_model_kwargs(
@@ -209,7 +211,7 @@ def _check_compatible(cfg: Config, ckpt: Path) -> None:
         diffs = "; ".join(f"{flags[k]}: checkpoint {theirs.get(k)!r}, this run {mine.get(k)!r}" for k in differ)
         raise ValueError(
             f"checkpoint {ckpt} holds a different model ({diffs}); to resume it, pass the checkpoint's values "
-            f"of {', '.join(flags.values())}; to train this model, use a new --run.dir"
+            f"of {', '.join(flags.values())}; to train this model, {fresh}"
         )
 
 
