@@ -306,6 +306,12 @@ def test_criteria():
             expect[tuple(slice(0, n - (a == axis)) for a, n in enumerate(channel.shape))] += diff
     assert grad.shape == (6, 7, 9) and grad.dtype == np.float32
     np.testing.assert_allclose(grad, expect, rtol=1e-5, atol=1e-6)
+    for shape in ((1, 4, 5), (3, 1, 5), (3, 4, 1), (1, 1, 5), (2, 1, 1)):  # no neighbour along some axes
+        channel = noisy((1, *shape), seed=8)
+        expect = sum(
+            np.pad(np.abs(np.diff(channel[0], axis=a)), [(0, int(a == b)) for b in range(3)]) for a in range(3)
+        )
+        np.testing.assert_allclose(gradient_map_3d(channel), expect / np.ptp(channel), rtol=1e-5, atol=1e-6)
     assert not gradient_map_3d(np.ones((1, 4, 4, 4))).any()
 
 

@@ -112,25 +112,29 @@ def edge_map_2d(image: np.ndarray, thresholds: tuple[float, float] = (50.0, 150.
 def _gradient_channel(volume: np.ndarray) -> np.ndarray:
     """Sum of |forward differences| along the three axes of one (D, H, W) volume, float32.
 
-    The last slice along an axis has no forward neighbour and contributes 0 for that axis.
+    The last slice along an axis has no forward neighbour and contributes 0 for that axis. Plain
+    numpy on the flattened volume, so every pass is one long contiguous loop: the neighbour along
+    axis 0 / 1 / 2 is H * W / W / 1 elements on, and differences that wrapped across a slice or row
+    edge are zeroed. Two volume-sized float32 buffers and ``out=`` everywhere, no other temporaries.
     """
     volume = np.ascontiguousarray(volume, dtype=np.float32)
     d, h, w = volume.shape
-    grad = np.empty_like(volume)
-    buf = np.empty_like(volume)
-    # cv2.absdiff / cv2.add are single fused passes; 2D views of the volume line up each axis's neighbours.
-    x2, g2, b2 = (a.reshape(d, h * w) for a in (volume, grad, buf))
-    g2[-1] = 0
-    if d > 1:  # axis 0: neighbouring slices, straight into grad
-        cv2.absdiff(x2[1:], x2[:-1], dst=g2[:-1])
-    if h > 1:  # axis 1: the next row of the same slice is w values on
-        cv2.absdiff(x2[:, w:], x2[:, :-w], dst=b2[:, :-w])
-        cv2.add(g2[:, :-w], b2[:, :-w], dst=g2[:, :-w])
-    if w > 1:  # axis 2: the next value in a row
-        x2, g2, b2 = (a.reshape(d * h, w) for a in (volume, grad, buf))
-        cv2.absdiff(x2[:, 1:], x2[:, :-1], dst=b2[:, :-1])
-        cv2.add(g2[:, :-1], b2[:, :-1], dst=g2[:, :-1])
-    return grad
+    flat = volume.reshape(-1)
+    grad = np.empty(flat.size, np.float32)
+    buf = np.empty(flat.size, np.float32)
+    plane = h * w
+    np.subtract(flat[plane:], flat[:-plane], out=grad[:-plane])  # axis 0
+    np.abs(grad[:-plane], out=grad[:-plane])
+    grad[flat.size - plane :] = 0  # the last slice
+    np.subtract(flat[w:], flat[:-w], out=buf[:-w])  # axis 1
+    np.abs(buf[:-w], out=buf[:-w])
+    buf.reshape(d, plane)[:, plane - w :] = 0  # the last row of every slice
+    np.add(grad, buf, out=grad)
+    np.subtract(flat[1:], flat[:-1], out=buf[:-1])  # axis 2
+    np.abs(buf[:-1], out=buf[:-1])
+    buf.reshape(d * h, w)[:, w - 1] = 0  # the last value of every row
+    np.add(grad, buf, out=grad)
+    return grad.reshape(d, h, w)
 
 
 def gradient_map_3d(image: np.ndarray) -> np.ndarray:
