@@ -72,6 +72,8 @@ class FamilySpec:
             -> value, applied over the device preset of ``ucfvit.train.presets``.
         pooled_head: the model's ``head`` sees one pooled token per sample (classifiers); otherwise
             heads map every patch token (used by the FLOP count).
+        needs: batch entries ``loss`` reads besides ``image`` (``label``, ``seg``), so that a run on
+            data without them is refused before it starts.
     """
 
     name: str
@@ -82,6 +84,7 @@ class FamilySpec:
     sizes: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: SIZES)
     recipe: Mapping[str, Any] = field(default_factory=dict)
     pooled_head: bool = False
+    needs: tuple[str, ...] = ()
 
     def build_extra(self, model: nn.Module) -> Any:
         """The extra object of ``loss`` for ``model`` (None if the family needs none)."""

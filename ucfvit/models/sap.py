@@ -113,4 +113,11 @@ def _segmentation_loss(model: SAP, batch, rng: RandomSource, extra) -> torch.Ten
     return segmentation_loss(model(*_patch_input(model, batch), rng=rng), batch["seg"])
 
 
-register_family(FamilySpec("sap", SAP, loss=_segmentation_loss, inputs=_patch_input, recipe={"arch.num_classes": 3}))
+# The recipe trains on quadtree/octree patches (--data.patching tree): 46 = 1 + 3 * 15 regions tile the
+# debug preset's 32x32 images (8x8 cells of patch 4) exactly, and 224x224 images with patch 16 too.
+register_family(
+    FamilySpec(
+        "sap", SAP, loss=_segmentation_loss, inputs=_patch_input,
+        recipe={"arch.num_classes": 3, "arch.fixed_length": 46}, needs=("seg",),
+    )
+)  # fmt: skip

@@ -147,4 +147,4 @@ def _segmentation_loss(model: UNETR, batch, rng: RandomSource, extra) -> torch.T
     return segmentation_loss(model(model_input(model, batch), rng=rng), batch["seg"])
 
 
-register_family(FamilySpec("unetr", UNETR, loss=_segmentation_loss, recipe={"arch.num_classes": 3}))
+register_family(FamilySpec("unetr", UNETR, loss=_segmentation_loss, recipe={"arch.num_classes": 3}, needs=("seg",)))

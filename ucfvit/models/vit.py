@@ -117,4 +117,8 @@ def _classification_loss(model: ViT, batch, rng: RandomSource, extra) -> torch.T
     return F.cross_entropy(model(model_input(model, batch), rng=rng).float(), batch["label"])
 
 
-register_family(FamilySpec("vit", ViT, loss=_classification_loss, recipe={"arch.num_classes": 3}, pooled_head=True))
+register_family(
+    FamilySpec(
+        "vit", ViT, loss=_classification_loss, recipe={"arch.num_classes": 3}, pooled_head=True, needs=("label",)
+    )
+)
