@@ -16,6 +16,7 @@ import sys
 
 import torch.distributed as dist
 
+from ucfvit.data.readers import DataError
 from ucfvit.train.checkpoint import CheckpointError
 from ucfvit.train.cli import parse
 from ucfvit.train.config import ConfigError
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> None:
         error = f"checkpoint error: {err}"
     except ExportError as err:  # rank 0 only; the other ranks have finished
         error = f"export error: {err}"
+    except DataError as err:  # a file that cannot be read; from a loader worker, its message ends the traceback
+        error = f"data error: {str(err).strip().splitlines()[-1].removeprefix(f'{DataError.__module__}.DataError: ')}"
     # Every rank gets here alike (done, or an error every rank raised; the export's is local). Left
     # to interpreter exit, gloo's threads can abort the process (SIGABRT, pytorch/pytorch#190489).
     if dist.is_initialized():

@@ -3,6 +3,8 @@
     recipes/train.py --model mae --optim.lr 3e-4           # the mae recipe, one field changed
     recipes/train.py --config runs/a/config.json --max-steps 200   # repeat a run, longer
 
+Model options that the data decides (input size from ``--data.tile``, channels and classes from
+the files) follow the data unless given on the command line (see ``data_setup.adapt_to_data``).
 ``--model`` choices are the registered families (``ucfvit.models.list_models()``), read when the
 command line is parsed, so a family registered before that is a valid ``--model``.
 """
@@ -19,6 +21,7 @@ import tyro
 from ucfvit.models import list_models
 
 from .config import Config, ConfigError, load_config
+from .data_setup import adapt_to_data
 from .presets import preset
 
 __all__ = ["parse", "cli_config_class"]
@@ -69,4 +72,12 @@ def parse(argv: Sequence[str], description: str | None = None) -> Config:
     else:
         defaults = preset(known.model or "mae", known.model_size)
     cls = cli_config_class()
-    return tyro.cli(cls, default=_as(cls, defaults), args=argv, description=description)
+    cfg = tyro.cli(cls, default=_as(cls, defaults), args=argv, description=description)
+    if known.config is None:  # a saved config already holds the model options its data decided
+        adapt_to_data(cfg, _given(argv))
+    return cfg
+
+
+def _given(argv: Sequence[str]) -> set[str]:
+    """Dotted field names set on the command line (``--arch.img-size 16 16`` -> ``arch.img_size``)."""
+    return {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}

@@ -16,11 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ucfvit.data.config import DataConfig, DatasetConfig
 from ucfvit.models import FAMILIES, SIZES
 
 from .model_options import collect_options, make_arch_config
 
-__all__ = ["ARCH_OPTIONS", "ArchConfig", "Config", "ConfigError", "config_from_dict", "load_config"]
+__all__ = [
+    "ARCH_OPTIONS", "ArchConfig", "Config", "ConfigError", "DataConfig", "DatasetConfig", "config_from_dict",
+    "load_config",
+]  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -30,20 +34,6 @@ class ConfigError(ValueError):
 
 ARCH_OPTIONS = collect_options(FAMILIES.values())
 ArchConfig = make_arch_config(ARCH_OPTIONS)
-
-
-@dataclass
-class DataConfig:
-    """Input data. ``synthetic`` needs no files: images/volumes are generated from (seed, sample index)."""
-
-    dataset: Literal["synthetic"] = "synthetic"
-    """Data source."""
-    num_classes: int = 3
-    """Classes of the synthetic data (image labels and masks; class 0 is the background)."""
-    global_batch_size: int = 16
-    """Samples per optimizer step over all data-parallel ranks and micro-batches."""
-    micro_batch_size: int | None = None
-    """Samples per rank per forward; fewer than the rank's share means gradient accumulation (None: no accumulation)."""
 
 
 @dataclass
@@ -180,7 +170,12 @@ def config_from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
         kind = hints[name]
         if dataclasses.is_dataclass(kind):
             values[name] = config_from_dict(kind, value, f"{where}{name}.")
-        elif kind is Path and isinstance(value, str):
+        elif typing.get_origin(kind) is dict and dataclasses.is_dataclass(typing.get_args(kind)[1]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"field {where}{name}: expected a mapping of names to groups, got {value!r}")
+            item = typing.get_args(kind)[1]
+            values[name] = {str(k): config_from_dict(item, v, f"{where}{name}.{k}.") for k, v in value.items()}
+        elif isinstance(value, str) and (kind is Path or Path in typing.get_args(kind)):
             values[name] = Path(value)
         else:
             value = tuple(value) if isinstance(value, list) else value

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, DatasetConfig
 from .optim import peak_lr
 
 __all__ = ["RANGES", "Range", "check_ranges", "flag", "numeric_fields"]
@@ -76,6 +76,18 @@ RANGES: dict[str, Range] = {
     # SampleRNG keys a step's samples by a 32-bit index.
     "data.global_batch_size": Range(1, 2**32),
     "data.micro_batch_size": AT_LEAST_1,
+    "data.tile": AT_LEAST_1,  # per entry
+    "data.tile_overlap": Range(0, 1, high_open=True),  # a tile must advance: overlap 1 would never move
+    "data.slice_axis": Range(0, 2),
+    "data.pad_value": Range(),  # any finite value
+    "data.split": Range(0, 1),  # per entry; start < end is checked with the data options
+    "data.mean": Range(),
+    "data.std": POSITIVE,
+    "data.num_workers": AT_LEAST_0,
+    "data.prefetch_factor": AT_LEAST_1,
+    "data.min_patch": AT_LEAST_1,
+    "data.edge_thresholds": AT_LEAST_0,
+    "data.groups": AT_LEAST_1,
     "optim.lr": POSITIVE,
     "optim.weight_decay": AT_LEAST_0,
     "optim.betas": FRACTION,  # AdamW's own range, per entry
@@ -157,19 +169,31 @@ def _get(cfg: Config, path: str) -> Any:
     return value
 
 
+def _checks(cfg: Config) -> Iterator[tuple[str, str, Any, type, bool]]:
+    """``(RANGES path, name to show, value, kind, is_tuple)`` of every numeric option set in ``cfg``,
+    the options of each dataset of ``data.datasets`` (a config file) included."""
+    for path, kind, is_tuple in numeric_fields(type(cfg)):
+        yield path, flag(path), _get(cfg, path), kind, is_tuple
+    dataset_fields = {f.name for f in dataclasses.fields(DatasetConfig)}
+    for name, dataset in cfg.data.datasets.items():
+        for path, kind, is_tuple in numeric_fields(type(cfg)):
+            group, _, field_name = path.partition(".")
+            if group == "data" and field_name in dataset_fields:
+                yield path, f"data.datasets.{name}.{field_name}", getattr(dataset, field_name), kind, is_tuple
+
+
 def check_ranges(cfg: Config) -> None:
     """Raise a :class:`ConfigError` for the first numeric option of ``cfg`` outside its range
     (see :data:`RANGES`), or for ``--schedule.min-lr`` above the peak learning rate."""
-    for path, kind, is_tuple in numeric_fields(type(cfg)):
-        value = _get(cfg, path)
+    for path, shown, value, kind, is_tuple in _checks(cfg):
         if value is None:
             continue
         allowed = RANGES[path]
         what = f"{'an integer' if kind is int else 'a finite number'} {_phrase(allowed)}"
         if is_tuple and not all(v in allowed for v in value):
-            raise ConfigError(f"{flag(path)}={value} is out of range: each entry must be {what}")
+            raise ConfigError(f"{shown}={value} is out of range: each entry must be {what}")
         if not is_tuple and value not in allowed:
-            raise ConfigError(f"{flag(path)}={value} is out of range: it must be {what}")
+            raise ConfigError(f"{shown}={value} is out of range: it must be {what}")
     peak = peak_lr(cfg)
     if cfg.schedule.min_lr > peak:
         scaled = " (x global batch / 256 with --optim.lr-scaling linear)" if cfg.optim.lr_scaling == "linear" else ""

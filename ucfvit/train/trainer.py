@@ -22,13 +22,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ucfvit.data import SyntheticImages
+from ucfvit.data.loader import TreePatches, build_loader, positions_at
+from ucfvit.data.readers import DataError
 from ucfvit.models import FamilySpec, build_model, get_family
 from ucfvit.models.registry import model_arguments, resolved_model_kwargs
 from ucfvit.parallel import (
     MeshShape,
     check_parallelizable,
     clip_grad_norm_,
+    data_parallel_info,
     local_batch_range,
     make_mesh,
     parallelize,
@@ -37,8 +39,9 @@ from ucfvit.parallel import (
 )  # fmt: skip
 from ucfvit.parallel.mesh import world_size
 
-from .checkpoint import Checkpointer, decode_rng, encode_rng, read_checkpoint_config
+from .checkpoint import Checkpointer, CheckpointError, decode_rng, encode_rng, read_checkpoint_config
 from .config import ARCH_OPTIONS, Config, ConfigError
+from .data_setup import check_data, input_spec, prepare_data
 from .export import export_safetensors, exported_config, load_exported  # noqa: F401 (load_exported: its former home)
 from .metrics import Throughput, append_jsonl, format_progress, peak_flops, train_flops_per_sample
 from .optim import build_optimizer, lr_at
@@ -153,7 +156,8 @@ def _resolve(cfg: Config) -> RunPlan:
         except ValueError as err:
             raise ValueError(f"{cfg.model}/{cfg.model_size}: {_as_flags(str(err))}") from err
     classes = getattr(model, "num_classes", None)
-    if classes is not None and classes < cfg.data.num_classes:
+    synthetic = not cfg.data.datasets and cfg.data.kind == "synthetic"
+    if synthetic and classes is not None and classes < cfg.data.num_classes:
         raise ValueError(
             f"--arch.num-classes={classes} is smaller than the {cfg.data.num_classes} classes of the data "
             f"(--data.num-classes): use --arch.num-classes {cfg.data.num_classes}"
@@ -170,6 +174,10 @@ def _resolve(cfg: Config) -> RunPlan:
             f"{cfg.model}/{cfg.model_size} on mesh {shape}: {err} (--arch.num-heads / --arch.decoder-num-heads, "
             "--mesh and --parallel.* set these)"
         ) from err
+    try:
+        check_data(cfg.data, model, spec, shape.dp_size)
+    except DataError as err:
+        raise ValueError(str(err)) from err
     run = inspect_run_dir(cfg.run.dir, cfg.checkpoint.resume, cfg.run.overwrite)  # reads only
     if run.checkpoint is not None:
         _check_compatible(cfg, run.checkpoint)
@@ -285,6 +293,20 @@ def _parameters_finite(model: nn.Module) -> bool:
     return bool(ok.item())
 
 
+def _start_positions(state: dict, names: list[str], rank: int) -> list[int]:
+    """The datasets' stream positions saved in a checkpoint (a dataset new to this run starts at 0;
+    a checkpoint of one dataset written before per-dataset positions holds ``data_offset``)."""
+    saved = state.get("data_positions")
+    if saved is None:
+        saved = {names[0]: state.get("data_offset", 0)} if len(names) == 1 else {}
+    if not isinstance(saved, dict) or not all(isinstance(v, int) and v >= 0 for v in saved.values()):
+        raise CheckpointError(f"the checkpoint's data positions {saved!r} are not non-negative integers per dataset")
+    new = [n for n in names if n not in saved]
+    if new and rank == 0:
+        print(f"datasets {', '.join(new)} are new since the checkpoint: they start at their first sample", flush=True)
+    return [saved.get(n, 0) for n in names]
+
+
 def _peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -321,6 +343,9 @@ def _train(cfg: Config, plan: RunPlan, lock: RunLock, watchdog: Watchdog) -> Tra
         print(json.dumps(cfg.to_dict(), indent=2), flush=True)
         print(plan.run.describe(), flush=True)
     dist.barrier()
+    dp_rank, dp_size = data_parallel_info(mesh)
+    watchdog.progress(None, "data index")
+    data = prepare_data(cfg.data, input_spec(model, plan.spec), dp_size, cfg.run.seed, run_dir, rank)
 
     param_dtype = {
         "float32": None,
@@ -342,29 +367,39 @@ def _train(cfg: Config, plan: RunPlan, lock: RunLock, watchdog: Watchdog) -> Tra
     optimizer = build_optimizer(model, cfg, device_type)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep)
 
-    start_step, start_offset = 0, 0
+    start_step, start = 0, [0] * len(data.sources)
     if ckpt is not None:
         watchdog.progress(None, "checkpoint load")
         state = checkpointer.load(ckpt, model, optimizer)
-        start_step, start_offset = state["step"], state["data_offset"]
+        start_step, start = state["step"], _start_positions(state, data.plan.names, rank)
         decode_rng(state["rng"])
         if rank == 0:
-            print(f"resumed from {ckpt} at step {start_step} (data offset {state['data_offset']})", flush=True)
+            where = dict(zip(data.plan.names, start, strict=True))
+            print(f"resumed from {ckpt} at step {start_step} (data positions {where})", flush=True)
 
-    data = SyntheticImages(model.img_size, model.data_chans, cfg.data.num_classes, seed=cfg.run.seed)
     extra = plan.spec.build_extra(model)
     global_batch = cfg.data.global_batch_size
     rows = local_batch_range(mesh, global_batch)
     micro = cfg.data.micro_batch_size or len(rows)
     accum = len(rows) // micro
+    tree = getattr(model, "adaptive_patching", False) and cfg.data.patching == "tree"
+    loader = build_loader(
+        data.sources, data.plan, dp_rank, start, start_step, cfg.max_steps, micro, cfg.run.seed,
+        shuffle=cfg.data.shuffle,
+        transform=TreePatches(model.patch_size, model.fixed_length, cfg.data.min_patch, cfg.data.edge_thresholds)
+        if tree else None,
+        num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
+        pin_memory=device_type == "cuda",
+    )  # fmt: skip
+    batches = iter(loader)
     flops_per_step = train_flops_per_sample(model, pooled_head=plan.spec.pooled_head) * global_batch
     peak = peak_flops(device)
     world = dist.get_world_size()
 
-    def data_offset(step: int) -> int:
-        """Global index of the first sample of ``step``: continues from the checkpoint's position,
-        so the sample stream is the same on any mesh (and never repeats if the batch size changes)."""
-        return start_offset + (step - start_step) * global_batch
+    def data_positions(step: int) -> dict[str, int]:
+        """Each dataset's stream position at ``step``: continues from the checkpoint's, so the sample
+        stream is the same on any mesh (and never repeats if the batch size changes)."""
+        return dict(zip(data.plan.names, positions_at(data.plan, start, start_step, step), strict=True))
 
     def save(step: int) -> None:
         watchdog.progress(step, "checkpoint save")
@@ -373,7 +408,7 @@ def _train(cfg: Config, plan: RunPlan, lock: RunLock, watchdog: Watchdog) -> Tra
                 f"step {step}: the parameters are not finite; not saving (the last checkpoint, "
                 f"{checkpointer.last_saved or 'none'}, is kept). {_DIVERGED_HINT}"
             )
-        state = {"step": step, "data_offset": data_offset(step), "lr": lr_at(step, cfg), "rng": encode_rng()}
+        state = {"step": step, "data_positions": data_positions(step), "lr": lr_at(step, cfg), "rng": encode_rng()}
         path = checkpointer.save(step, model, optimizer, state, cfg.to_dict())
         if rank == 0:
             print(f"checkpoint {path}", flush=True)
@@ -390,11 +425,7 @@ def _train(cfg: Config, plan: RunPlan, lock: RunLock, watchdog: Watchdog) -> Tra
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
             for m in range(accum):
-                start = rows.start + m * micro
-                offset = data_offset(step) + start  # global index of the micro-batch's first sample
-                batch = {
-                    k: v.to(device, non_blocking=True) for k, v in data.batch(range(offset, offset + micro)).items()
-                }
+                batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
                 if accum > 1:
                     model.set_requires_gradient_sync(m == accum - 1)
                 rng = sample_rng(mesh, cfg.run.seed, step, global_batch, micro_start=m * micro)

@@ -1,0 +1,216 @@
+"""The trainer's side of the data seam: checks of the data options, the index built once, the plan.
+
+* :func:`check_data` runs in ``validate_config`` on every rank before any collective: it reads the
+  options and looks at most at the dataset roots (exists, is a directory), never at every file.
+* :func:`prepare_data` runs after the mesh exists: rank 0 builds the file/tile index (or reuses
+  ``<run.dir>/data/index.json``), every rank learns whether that worked (one broadcast, so a bad
+  file stops every rank with the same error), the other ranks read the file, and the load plan
+  is printed and saved as ``<run.dir>/data/plan.json``.
+* :func:`adapt_to_data` fills the model options the data decides (input size from ``--data.tile``,
+  channels and classes from the files) where the command line left them to the recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+from torch import nn
+
+from ucfvit.data.balance import LoadPlan, plan_load
+from ucfvit.data.config import DataConfig
+from ucfvit.data.dataset import InputSpec, Source, build_dataset, dataset_configs, is_file_kind
+from ucfvit.data.index import SourceIndex, build_index, fingerprint, load_index, save_index
+from ucfvit.data.readers import DataError, Item, get_reader
+from ucfvit.models import FamilySpec
+
+from .checkpoint import write_atomic
+
+__all__ = ["DataSetup", "adapt_to_data", "check_data", "input_spec", "prepare_data"]
+
+INDEX_FILE, PLAN_FILE = Path("data") / "index.json", Path("data") / "plan.json"
+
+
+def input_spec(model: nn.Module, spec: FamilySpec) -> InputSpec:
+    """What ``model`` takes, for the data pipeline."""
+    return InputSpec(
+        img_size=tuple(model.img_size),
+        channels=model.data_chans,
+        variables=tuple(model.variables),
+        num_classes=getattr(model, "num_classes", None),
+        needs=spec.needs,
+    )
+
+
+def check_data(data: DataConfig, model: nn.Module, spec: FamilySpec, dp_size: int) -> None:
+    """Every data check that needs neither files nor communication (ValueError naming the option)."""
+    configs = dataset_configs(data)
+    if data.datasets:
+        top = DataConfig()
+        changed = [f for f in ("kind", "root", "labels", "tile", "variables") if getattr(data, f) != getattr(top, f)]
+        if changed:
+            raise ValueError(
+                f"data.datasets names {len(data.datasets)} dataset(s), so the top-level --data.{changed[0]} is unused; "
+                "set it inside each dataset of the --config file"
+            )
+    elif data.groups is not None:
+        raise ValueError("--data.groups gives ranks per dataset of data.datasets (a --config file); this run has one")
+    img_size = tuple(model.img_size)
+    for name, c in configs.items():
+        where = f"dataset {name!r}: " if data.datasets else ""
+        if not is_file_kind(c.kind):
+            continue
+        if c.root is None:
+            raise ValueError(f"{where}--data.kind {c.kind} reads files: give their directory with --data.root DIR")
+        for option, path in (("--data.root", c.root), ("--data.labels", c.labels)):
+            if path is not None and not Path(path).is_dir():
+                raise ValueError(f"{where}{option} {path} is not a directory")
+        if c.tile is not None:
+            expect = len(img_size) + (c.slice_axis is not None)
+            if len(c.tile) != len(img_size) or tuple(c.tile) != img_size:
+                raise ValueError(
+                    f"{where}--data.tile {' '.join(map(str, c.tile))} must equal the model's input size "
+                    f"--arch.img-size {' '.join(map(str, img_size))} ({len(img_size)} entries; the tile is what the "
+                    f"model sees{', a slice has ' + str(expect - 1) + ' axes' if c.slice_axis is not None else ''})"
+                )
+        if c.slice_axis is not None and (c.slice_axis not in (0, 1, 2) or len(img_size) != 2):
+            raise ValueError(f"{where}--data.slice-axis {c.slice_axis} must be 0, 1 or 2, for a 2D model")
+        if not 0 <= c.split[0] < c.split[1] <= 1:
+            raise ValueError(f"{where}--data.split {c.split[0]} {c.split[1]} must be fractions 0 <= start < end <= 1")
+        if c.normalize == "fixed" and (c.mean is None or c.std is None):
+            raise ValueError(f"{where}--data.normalize fixed needs --data.mean and --data.std (one value per channel)")
+        missing = [n for n in spec.needs if not _provides(c, n)]
+        if missing:
+            how = {"seg": "per-pixel labels: pass --data.labels DIR", "label": "class labels: use --data.kind "
+                   "imagefolder with one sub-folder per class"}  # fmt: skip
+            raise ValueError(f"{where}--model {spec.name} trains on {how[missing[0]]}")
+    if getattr(model, "adaptive_patching", False) and data.patching == "tree":
+        _check_tree(data, model)
+
+
+def _provides(cfg, entry: str) -> bool:
+    if entry == "seg":
+        return cfg.labels is not None
+    return hasattr(get_reader(cfg.kind), "classes")
+
+
+def _check_tree(data: DataConfig, model: nn.Module) -> None:
+    if model.fixed_length is None:
+        raise ValueError(
+            f"--data.patching tree cuts each image into --arch.fixed-length regions: set it (e.g. "
+            f"--arch.fixed-length {max(1, _cells(model.img_size, model.patch_size) // 4)}), or use --data.patching grid"
+        )
+    side = data.min_patch or model.patch_size
+    if any(s % side for s in model.img_size):
+        raise ValueError(
+            f"--data.min-patch {side} must divide the input size --arch.img-size {' '.join(map(str, model.img_size))}"
+        )
+
+
+def _cells(img_size, side: int) -> int:
+    n = 1
+    for s in img_size:
+        n *= s // side
+    return n
+
+
+@dataclass
+class DataSetup:
+    """The run's sources, their load plan, and where each dataset's stream starts."""
+
+    sources: list[Source]
+    plan: LoadPlan
+
+
+def _rank0_index(data: DataConfig, img_size, run_dir: Path, rank: int) -> dict[str, SourceIndex]:
+    """Rank 0 builds (or reuses) the index and writes it; every rank then reads it. A failure on
+    rank 0 is raised on every rank (the broadcast doubles as the barrier)."""
+    files = {n: c for n, c in dataset_configs(data).items() if is_file_kind(c.kind)}
+    if not files:
+        return {}
+    key = fingerprint(files, img_size, data.skip_bad_files)
+    path = run_dir / INDEX_FILE
+    error = None
+    if rank == 0:
+        try:
+            if load_index(path, key) is None:
+                indexes = {
+                    n: build_index(n, c, get_reader(c.kind)(spatial_ndim=_file_ndim(c, img_size)), img_size,
+                                   data.skip_bad_files)
+                    for n, c in files.items()
+                }  # fmt: skip
+                save_index(path, key, indexes)
+                samples, files = sum(map(len, indexes.values())), sum(len(i.entries) for i in indexes.values())
+                print(f"data index: {samples} samples from {files} files, saved to {path}", flush=True)
+        except DataError as err:
+            error = str(err)
+        except OSError as err:
+            error = f"rank 0 could not build the data index {path}: {err}"
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise DataError(box[0])
+    indexes = load_index(path, key)
+    if indexes is None:
+        raise DataError(f"{path}: the data index written by rank 0 cannot be read on rank {rank}")
+    return indexes
+
+
+def _file_ndim(cfg, img_size) -> int:
+    return 3 if cfg.slice_axis is not None else len(img_size)
+
+
+def prepare_data(data: DataConfig, spec: InputSpec, dp_size: int, seed: int, run_dir: Path, rank: int) -> DataSetup:
+    """Index, sources and load plan of the run (collective: every rank calls it)."""
+    indexes = _rank0_index(data, spec.img_size, run_dir, rank)
+    sources = build_dataset(data, spec, seed, indexes)
+    plan = plan_load(
+        list(sources), [s.size for s in sources.values()], dp_size, data.global_batch_size // dp_size, data.groups
+    )
+    if rank == 0:
+        print(plan.describe(), flush=True)
+        (run_dir / PLAN_FILE).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / PLAN_FILE, json.dumps(plan.to_dict(), indent=2))
+    return DataSetup(list(sources.values()), plan)
+
+
+# --------------------------------------------------------------------------- command-line defaults
+def adapt_to_data(cfg, explicit: set[str]) -> None:
+    """Model options the data decides, where ``explicit`` (the flags given) leaves them to the recipe:
+    ``--arch.img-size`` from ``--data.tile`` (without a slice axis), ``--arch.in-chans`` from the first
+    file's channels and ``--arch.num-classes`` from an image folder's class sub-folders."""
+    data = cfg.data
+    if data.datasets or not is_file_kind(data.kind) or data.root is None or not Path(data.root).is_dir():
+        return  # several datasets: set the model options in the config file; bad roots are refused later
+    if data.tile is not None and "arch.img_size" not in explicit:
+        cfg.arch.img_size = tuple(data.tile)
+    reader = get_reader(data.kind)
+    if "arch.in_chans" not in explicit and data.variables is None:
+        first = _first_file(Path(data.root), reader.suffixes)
+        if first is not None:
+            try:
+                file_ndim = 3 if data.slice_axis is not None else len(cfg.arch.img_size or (0, 0))
+                channels, _ = reader(spatial_ndim=file_ndim).header(Item(first))
+                cfg.arch.in_chans = channels
+            except (DataError, ValueError):
+                pass  # the index build names the file
+    if "arch.num_classes" not in explicit and hasattr(reader, "classes") and data.labels is None:
+        try:
+            classes = reader().classes(Path(data.root))
+        except (DataError, ValueError, OSError):
+            classes = []
+        if classes:
+            cfg.arch.num_classes = len(classes)
+
+
+def _first_file(root: Path, suffixes) -> str | None:
+    """The first data file under ``root`` in name order, listing as few directories as possible."""
+    for top, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if not name.startswith(".") and name.lower().endswith(tuple(suffixes)):
+                return str(Path(top) / name)
+    return None
