@@ -884,7 +884,7 @@ def damage(ctx: Ctx, nproc: int, how: str, resume: str) -> tuple[bool, str]:
         target.write_text("{not json at all")
     elif how == "state-wrong-fields":
         target = _named_json(ck, "state", "trainer_state.json")
-        target.write_text('{"step": "seven", "data_offset": -1}')
+        target.write_text('{"step": "seven", "data_positions": -1}')
     elif how == "config-garbage":
         target = _named_json(ck, "config", "config.json")
         target.write_text("{not json at all")

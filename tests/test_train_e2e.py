@@ -172,7 +172,7 @@ def test_sigterm_on_one_rank_saves_an_agreed_checkpoint_and_exits_cleanly(tmp_pa
     ckpt = find_checkpoint(run_dir)
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert f"stop requested: saved step {state['step']}" in text
-    assert 3 <= state["step"] < 100000 and state["data_offset"] == state["step"] * 16
+    assert 3 <= state["step"] < 100000 and state["data_positions"] == {"synthetic": state["step"] * 16}
     resume = [
         *argv[:4],
         "--max-steps",
