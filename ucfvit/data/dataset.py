@@ -23,7 +23,7 @@ import torch
 
 from .config import DataConfig, DatasetConfig
 from .index import SourceIndex, axis_starts, tile_extent
-from .readers import DataError, get_reader
+from .readers import READERS, DataError, get_reader
 from .synthetic import SyntheticImages
 
 __all__ = ["FileSource", "InputSpec", "SOURCES", "Source", "build_dataset", "dataset_configs", "register_source"]
@@ -255,7 +255,9 @@ def is_file_kind(kind: str) -> bool:
     """Whether ``kind`` reads files (and so needs an index); unknown kinds raise a DataError listing the known."""
     if kind in SOURCES:
         return False
-    get_reader(kind)
+    if kind not in READERS:
+        known = ", ".join([*SOURCES, *sorted(READERS)])
+        raise DataError(f"--data.kind {kind!r} is unknown; choose one of {known}")
     return True
 
 

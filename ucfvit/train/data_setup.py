@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,20 +102,14 @@ def _check_tree(data: DataConfig, model: nn.Module) -> None:
     if model.fixed_length is None:
         raise ValueError(
             f"--data.patching tree cuts each image into --arch.fixed-length regions: set it (e.g. "
-            f"--arch.fixed-length {max(1, _cells(model.img_size, model.patch_size) // 4)}), or use --data.patching grid"
+            f"--arch.fixed-length {max(1, math.prod(s // model.patch_size for s in model.img_size) // 4)}), or use "
+            "--data.patching grid"
         )
     side = data.min_patch or model.patch_size
     if any(s % side for s in model.img_size):
         raise ValueError(
             f"--data.min-patch {side} must divide the input size --arch.img-size {' '.join(map(str, model.img_size))}"
         )
-
-
-def _cells(img_size, side: int) -> int:
-    n = 1
-    for s in img_size:
-        n *= s // side
-    return n
 
 
 @dataclass
