@@ -128,18 +128,19 @@ def _rank0_index(data: DataConfig, img_size, run_dir: Path, rank: int) -> dict[s
         return {}
     key = fingerprint(files, img_size, data.skip_bad_files)
     path = run_dir / INDEX_FILE
-    error = None
+    error, indexes = None, None
     if rank == 0:
         try:
-            if load_index(path, key) is None:
+            indexes = load_index(path, key)
+            if indexes is None:
                 indexes = {
                     n: build_index(n, c, get_reader(c.kind)(spatial_ndim=_file_ndim(c, img_size)), img_size,
                                    data.skip_bad_files)
                     for n, c in files.items()
                 }  # fmt: skip
                 save_index(path, key, indexes)
-                samples, files = sum(map(len, indexes.values())), sum(len(i.entries) for i in indexes.values())
-                print(f"data index: {samples} samples from {files} files, saved to {path}", flush=True)
+                samples, count = sum(map(len, indexes.values())), sum(len(i.entries) for i in indexes.values())
+                print(f"data index: {samples} samples from {count} files, saved to {path}", flush=True)
         except DataError as err:
             error = str(err)
         except OSError as err:
@@ -148,7 +149,8 @@ def _rank0_index(data: DataConfig, img_size, run_dir: Path, rank: int) -> dict[s
     dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
         raise DataError(box[0])
-    indexes = load_index(path, key)
+    if rank != 0:
+        indexes = load_index(path, key)
     if indexes is None:
         raise DataError(f"{path}: the data index written by rank 0 cannot be read on rank {rank}")
     return indexes
