@@ -431,7 +431,7 @@ def test_nifti_dtypes(tmp_path, dtype, name):
 
 
 def test_nifti_big_endian_and_scaled(tmp_path):
-    vol = RNG.integers(-1000, 1000, (6, 7, 8)).astype(np.int16)
+    vol = RNG.integers(-1000, 1000, (9, 10, 11)).astype(np.int16)
     nifti(tmp_path / "be.nii", vol, endianness=">")
     assert nib.load(tmp_path / "be.nii").get_data_dtype().byteorder == ">"
     reader = NiftiReader()
@@ -448,13 +448,46 @@ def test_nifti_big_endian_and_scaled(tmp_path):
 
 
 def test_nifti_4d_is_channels_first(tmp_path):
-    vol = RNG.normal(size=(5, 6, 7, 2)).astype(np.float32)
+    vol = RNG.normal(size=(9, 10, 11, 2)).astype(np.float32)
     nifti(tmp_path / "v.nii.gz", vol)
     reader = NiftiReader()
     item = Item(str(tmp_path / "v.nii.gz"))
-    assert reader.header(item) == (2, (5, 6, 7))
-    full = check_read(reader, item, (slice(1, 3), slice(None), slice(6, 7)))
+    assert reader.header(item) == (2, (9, 10, 11))
+    full = check_read(reader, item, (slice(1, 8), slice(None), slice(6, 11)))
     np.testing.assert_array_equal(full, np.moveaxis(vol, -1, 0))
+
+
+def test_nifti_tiles_of_a_compressed_volume_share_one_decompression(tmp_path, monkeypatch):
+    vol = RNG.normal(size=(9, 10, 11)).astype(np.float32)
+    item = Item(str(nifti(tmp_path / "v.nii.gz", vol)))
+    reader = NiftiReader()
+    calls = []
+    get_unscaled = nib.arrayproxy.ArrayProxy.get_unscaled
+    monkeypatch.setattr(nib.arrayproxy.ArrayProxy, "get_unscaled", lambda self: calls.append(1) or get_unscaled(self))
+    for x in range(0, 9, 3):
+        region = (slice(x, x + 3), slice(2, 10), slice(None))
+        np.testing.assert_array_equal(reader.read(item, region)[0], vol[region])
+    assert len(calls) == 1
+    new = RNG.normal(size=(9, 10, 12)).astype(np.float32)  # the file changes: read again
+    nifti(tmp_path / "v.nii.gz", new)
+    np.testing.assert_array_equal(reader.read(item)[0], new)
+    assert len(calls) == 2
+    monkeypatch.setattr(NiftiReader, "cache_bytes", 100)  # too large to keep: every read decompresses
+    reader = NiftiReader()
+    for _ in range(2):
+        np.testing.assert_array_equal(reader.read(item)[0], new)
+    assert len(calls) == 4
+
+
+@pytest.mark.parametrize("dtype", ["<f4", ">f4", "<i2", ">i2", "<f8", "u1"])
+@pytest.mark.parametrize("shape", [(1, 9, 10, 11), (3, 9, 10, 11), (2, 12, 13)])
+def test_fortran_ordered_data_is_reordered_exactly(shape, dtype):
+    data = np.asfortranarray((RNG.normal(size=shape) * 40).astype(dtype))
+    fortran_spatial = np.stack([np.asfortranarray(c) for c in data])  # channels outermost, x fastest
+    for source in (data, fortran_spatial, fortran_spatial[:, 1:8, ::2], fortran_spatial[:, ::2, 1:9]):
+        out = readers._float32_c(source)
+        assert out.flags.c_contiguous and out.dtype == np.float32
+        np.testing.assert_array_equal(out, source.astype(np.float32))
 
 
 def test_nifti_bad_dims_and_corrupt_files(tmp_path):

@@ -93,6 +93,7 @@ class FileSource(Source):
         ones = (1,) * len(spec.img_size)
         self.mean = None if mean is None else mean[self.channels].reshape(-1, *ones)
         self.std = None if std is None else std[self.channels].reshape(-1, *ones)
+        self._geometry: dict[int, tuple] = {}
 
     def sample(self, k: int) -> dict[str, torch.Tensor]:
         """Sample ``k``; with ``--data.skip-bad-files`` an unreadable file is logged and the next sample taken."""
@@ -110,8 +111,7 @@ class FileSource(Source):
         i, t = self.index.locate(k)
         entry, item = self.index.entries[i], self.index.item(i)
         shape = entry["shape"]
-        extent = tile_extent(self.cfg, self.spec.img_size, len(shape), item.path)
-        starts = axis_starts(self.cfg, shape, extent, item.path)
+        extent, starts = self._tiles(i, item.path)
         corner = [int(s[j]) for s, j in zip(starts, np.unravel_index(t, [len(s) for s in starts]), strict=True)]
         region = (
             None
@@ -127,7 +127,8 @@ class FileSource(Source):
                 "<run.dir>/data/index.json to rebuild it"
             )
         image = self._fit(raw, extent, self.cfg.pad_value or 0.0)
-        image = image[self.channels]
+        if self.channels != list(range(len(image))):
+            image = image[self.channels]
         out = {"image": torch.from_numpy(np.ascontiguousarray(self._normalize(image, item.path)))}
         if item.mask is not None:
             mask = self._fit(self.reader.read_mask(item, region)[None], extent, 0, nearest=True)[0]
@@ -141,6 +142,14 @@ class FileSource(Source):
         if item.label is not None:
             out["label"] = torch.tensor(item.label, dtype=torch.long)
         return out
+
+    def _tiles(self, i: int, path: str) -> tuple[tuple[int, ...] | None, list[np.ndarray]]:
+        """File ``i``'s tile extent and per-axis tile starts, computed once per file."""
+        if i not in self._geometry:
+            shape = self.index.entries[i]["shape"]
+            extent = tile_extent(self.cfg, self.spec.img_size, len(shape), path)
+            self._geometry[i] = extent, axis_starts(self.cfg, shape, extent, path)
+        return self._geometry[i]
 
     def _fit(self, x: np.ndarray, extent, pad: float, nearest: bool = False) -> np.ndarray:
         """(C, *region) -> (C, *img_size): pad a short tile, drop a slice axis, or resize a whole image."""
