@@ -173,10 +173,12 @@ def _box_mean(x: np.ndarray, f: int, nd: int) -> np.ndarray:
 
 
 def _edge_counts(edges: np.ndarray, m: int) -> np.ndarray:
-    """Edge pixels (0/255 uint8 map) per m x m cell, int64; staged sums (rows, then columns)."""
+    """Edge pixels (0/255 uint8 map) per m x m cell, int64, from the map's integral image (exact:
+    32-bit sums while 255 * pixels fits, else float64)."""
     h, w = edges.shape
-    rows = edges.reshape(h // m, m, w).sum(axis=1, dtype=np.int64)
-    return rows.reshape(h // m, w // m, m).sum(axis=2) // 255
+    depth = cv2.CV_32S if 255 * h * w < 2**31 else cv2.CV_64F
+    corner = cv2.integral(edges, sdepth=depth)[::m, ::m].astype(np.int64)
+    return (corner[1:, 1:] - corner[:-1, 1:] - corner[1:, :-1] + corner[:-1, :-1]) // 255
 
 
 def _scores(image: np.ndarray, m: int, bounds, thresholds: tuple[float, float], separate: bool) -> list[np.ndarray]:
@@ -273,11 +275,17 @@ def _blocks(x: np.ndarray, side: int) -> np.ndarray:
     return np.lib.stride_tricks.as_strided(x, shape=shape, strides=strides, writeable=x.flags.writeable)
 
 
-def _halve(x: np.ndarray, nd: int) -> np.ndarray:
-    """(C, *S) float32 box-averaged 2x per spatial axis (an odd trailing row/slice is dropped)."""
+def _halve(x: np.ndarray, nd: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """(C, *S) float32 box-averaged 2x per spatial axis (an odd trailing row/slice is dropped), each
+    channel clipped to its [lo, hi] where float32 sums rounded one ulp outside."""
     if any(n % 2 for n in x.shape[1:]):
         x = np.ascontiguousarray(x[(slice(None), *(slice(0, n - n % 2) for n in x.shape[1:]))])
-    return _box_mean(x, 2, nd)
+    out = _box_mean(x, 2, nd)
+    for c, channel in enumerate(out):
+        low, high = cv2.minMaxLoc(channel.reshape(-1, channel.shape[-1]))[:2]
+        if low < lo[c] or high > hi[c]:
+            np.clip(channel, lo[c], hi[c], out=channel)
+    return out
 
 
 def _write(out: np.ndarray, position: np.ndarray, blocks: np.ndarray) -> None:
@@ -319,25 +327,22 @@ def _patch_tree(image: np.ndarray, cells: np.ndarray, p: int, m: int, fixed_leng
     order = np.argsort(np.ravel_multi_index(tuple(corners.T), spatial))
     position = np.empty(n, np.int64)
     position[order] = np.arange(n)
-    patches = np.zeros((fixed_length, image.shape[0], *[p] * nd), np.float32)
+    patches = np.empty((fixed_length, image.shape[0], *[p] * nd), np.float32)
+    patches[n:] = 0  # pad tokens; every real one is written below
     # Regions larger than p are read from an image pyramid (level j: box average by 2**j, built by
     # repeated halving only as deep as needed), where a region of side p * 2**j is a p-block.
     pyramid = [image]
-    clip_shape = (1, -1) + (1,) * nd
-    lo, hi = (b.astype(np.float32).reshape(clip_shape) for b in bounds)
+    lo, hi = (b.astype(np.float32) for b in bounds)
     start = 0
     for k, idx in enumerate(leaves):
         count, side = idx[0].size, m << k
         if count:
             level = max(side // p, 1).bit_length() - 1
             while len(pyramid) <= level:
-                pyramid.append(_halve(pyramid[-1].astype(np.float32, copy=False), nd))
+                pyramid.append(_halve(pyramid[-1].astype(np.float32, copy=False), nd, lo, hi))
             view = _blocks(pyramid[level], min(side, p))  # (C, n0, b, n1, b[, n2, b])
             gather = view[(slice(None),) + tuple(x for i in idx for x in (i, slice(None)))]  # (count, C, b, b[, b])
-            gather = gather.astype(np.float32, copy=False)
-            if level:  # float32 sums may round one ulp outside the input's range
-                np.clip(gather, lo, hi, out=gather)
-            _write(patches, position[start : start + count], gather)
+            _write(patches, position[start : start + count], gather.astype(np.float32, copy=False))
         start += count
     coords = np.zeros((fixed_length, nd), np.int64)
     coords[:n] = corners[order]
