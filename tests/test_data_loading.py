@@ -114,3 +114,44 @@ def test_several_datasets_come_from_a_config_file_with_ranges_checked_per_datase
     path.write_text(json.dumps({"data": {"datasets": {"ct": {"kind": "nifti", "tiles": [1]}}}}))
     with pytest.raises(ConfigError, match="data.datasets.ct.tiles"):
         load_config(path)
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_single_channel_models_train_on_each_channel_with_its_own_variable(separate):
+    """The trainer's split of a 2-channel batch: each part is one channel under its own name, its
+    loss is the model's on that channel alone, and both variables' embeddings get gradients."""
+    import torch
+
+    from ucfvit.data.loader import TreePatches
+    from ucfvit.models import build_model, get_family
+    from ucfvit.train.data_setup import channel_batches
+
+    torch.manual_seed(0)
+    model = build_model(
+        "sap", "debug", img_size=(16, 16), patch_size=4, variables=["ct", "pet"], single_channel=True,
+        adaptive_patching=True, fixed_length=10, num_classes=2,
+    )  # fmt: skip
+    tree = TreePatches(4, 10, None, (50.0, 150.0), separate_channels=separate)
+    images = torch.zeros(2, 2, 16, 16)
+    images[:, 0, 2:6, 2:6], images[:, 1, 8:16, 0:12] = 1.0, 1.0  # the channels' edges differ
+    samples = [tree({"image": im}) for im in images]
+    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    batch["seg"] = torch.zeros(2, 16, 16, dtype=torch.long)
+    parts = channel_batches(batch, model.variables, separate)
+    assert [p["variables"] for p in parts] == [("ct",), ("pet",)]
+    loss = get_family("sap").loss
+    for c, part in enumerate(parts):
+        assert part["image"].shape == (2, 1, 16, 16) and part["patches"].shape == (2, 10, 1, 4, 4)
+        if separate:  # its own tree: the layout of that channel alone
+            alone = tree({"image": images[0, c : c + 1]})
+            assert torch.equal(part["coords"][0], alone["coords"][0])
+            assert torch.equal(part["patches"][0], alone["patches"][0])
+        else:
+            assert torch.equal(part["patches"], batch["patches"][:, :, c : c + 1])
+        other = {**part, "variables": (model.variables[1 - c],)}  # the name reaches the model
+        assert not torch.allclose(loss(model, part, None, None), loss(model, other, None, None))
+    if separate:
+        assert not torch.equal(parts[0]["coords"], parts[1]["coords"])
+    sum(loss(model, part, None, None) for part in parts).backward()
+    grad = model.var_embed.grad
+    assert grad.shape[0] == 2 and bool((grad[0] != 0).any()) and bool((grad[1] != 0).any())

@@ -16,6 +16,7 @@ import pytest
 from data_files import image_folder, nifti_dataset, npy_dataset
 from distributed import run_ranks
 from test_train_e2e import losses, torchrun, wait
+from ucfvit.train.presets import preset
 
 
 def test_eight_ranks_on_2x2x2_identical_in_tp_disjoint_over_dp_balanced_over_three_datasets(tmp_path):
@@ -115,6 +116,44 @@ def test_a_file_that_breaks_after_indexing_surfaces_from_the_worker(tmp_path):
     (tmp_path / "run2" / "data" / "index.json").write_text((run_dir / "data" / "index.json").read_text())
     msg = run_ranks(1, "train_cases:error", "mae", argv, timeout=120)[0]
     assert "f002.npy" in msg, msg
+
+
+def test_single_channel_sap_trains_on_a_tree_per_channel(tmp_path):
+    root = npy_dataset(tmp_path / "data", 2, (16, 16), channels=2)
+    (tmp_path / "seg").mkdir()
+    for name in ("f000.npy", "f001.npy"):
+        np.save(tmp_path / "seg" / name, (np.load(root / name)[0] > 10).astype(np.uint8))
+    argv = [*_args(root, tmp_path / "run", "--max-steps", "2"), "--arch.in-chans", "2", "--arch.variables", "ct", "pet",
+            "--arch.patch-size", "4", "--arch.fixed-length", "10", "--arch.num-classes", "2", "--data.labels",
+            str(tmp_path / "seg")]  # fmt: skip
+    refused = run_ranks(1, "train_cases:error", "sap", [*argv, "--data.separate-channels"], timeout=120)[0]
+    assert "--data.separate-channels" in refused and "--arch.single-channel" in refused, refused
+    out = run_ranks(1, "train_cases:run", "sap", [*argv, "--arch.single-channel", "True", "--data.separate-channels"])[
+        0
+    ]
+    assert out["steps"] == 2 and np.isfinite(out["loss"])
+
+
+def test_several_datasets_from_a_partial_config_file_train_balanced(tmp_path):
+    """`--model mae --config datasets.json`: the recipe with the file's two datasets on top; two
+    data-parallel ranks, one per dataset, run the same steps; the plan is saved with the run."""
+    big, small = npy_dataset(tmp_path / "big", 6, (16, 16)), npy_dataset(tmp_path / "small", 2, (16, 16), seed=1)
+    datasets = {
+        "big": {"kind": "npy", "root": str(big), "tile": [16, 16]},
+        "small": {"kind": "npy", "root": str(small)},
+    }
+    config = tmp_path / "datasets.json"
+    config.write_text(json.dumps({"arch": {"img_size": [16, 16], "in_chans": 1}, "data": {"datasets": datasets}}))
+    run_dir, log = tmp_path / "run", tmp_path / "log.txt"
+    argv = ["--model", "mae", "--config", str(config), "--mesh", "2x1x1", "--data.global-batch-size", "4",
+            "--max-steps", "3", "--metrics.log-every", "1", "--run.dir", str(run_dir)]  # fmt: skip
+    text = wait(torchrun(2, argv, log), log)
+    assert sorted(losses(run_dir)) == [1, 2, 3], text[-3000:]
+    plan = json.loads((run_dir / "data" / "plan.json").read_text())
+    assert plan["names"] == ["big", "small"] and plan["ranks"] == [1, 1], plan
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["model"] == "mae" and saved["data"]["datasets"]["small"]["root"] == str(small)
+    assert saved["optim"] == json.loads(json.dumps(preset("mae", accelerator=False).to_dict()["optim"]))
 
 
 @pytest.mark.parametrize("kind", ["nifti", "imagefolder"])

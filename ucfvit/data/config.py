@@ -81,6 +81,9 @@ class DataConfig(DatasetConfig):
     """Smallest region side of the adaptive patching (None: the model's patch size)."""
     edge_thresholds: tuple[float, float] = (50.0, 150.0)
     """Canny thresholds of the 2D adaptive patching, on images scaled to 0..255."""
+    separate_channels: bool = False
+    """Give each channel its own quadtree/octree (adaptive patching of a ``--arch.single-channel`` model,
+    which trains on one channel at a time); otherwise one tree from the edges of all channels."""
     datasets: Annotated[dict[str, DatasetConfig], tyro.conf.Suppress] = field(default_factory=dict)
     """Several datasets by name (from a ``--config`` file); the top-level dataset options are then unused."""
     groups: tuple[int, ...] | None = None

@@ -162,7 +162,8 @@ def _noise_prediction_loss(model: DiffusionViT, batch, rng: RandomSource, ddpm: 
     t = (rand(rng, (clean.shape[0],), clean.device) * ddpm.num_steps).long().clamp(max=ddpm.num_steps - 1)
     noise = randn(rng, clean.shape, clean.device)
     noised = ddpm.add_noise(clean, noise, t)
-    error = (model(x._replace(patches=noised) if is_sequence(x) else noised, t, rng=rng).float() - noise).pow(2)
+    noised = x._replace(patches=noised) if is_sequence(x) else noised
+    error = (model(noised, t, variables=batch.get("variables"), rng=rng).float() - noise).pow(2)
     if is_sequence(x):
         return masked_mean(error.flatten(2).mean(dim=-1), x.valid).mean()
     return error.flatten(1).mean(dim=1).mean()

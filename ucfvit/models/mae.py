@@ -120,7 +120,7 @@ class MAE(EncoderDecoder):
 
 def _reconstruction_loss(model: MAE, batch, rng: RandomSource, extra) -> torch.Tensor:
     x = model_input(model, batch)
-    pred, mask = model(x, rng=rng)
+    pred, mask = model(x, variables=batch.get("variables"), rng=rng)
     return model.loss(x, pred.float(), mask)
 
 

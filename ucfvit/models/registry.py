@@ -63,7 +63,8 @@ class FamilySpec:
         model: the ``nn.Module`` class; it must have ``init_weights()`` and take keyword arguments.
         loss: ``loss(model, batch, rng, extra) -> scalar``, a mean over samples (so splitting a batch
             over ranks or micro-batches changes nothing). ``batch`` holds ``image`` (B, C, *S) and,
-            from labelled data, ``label`` (B,) and ``seg`` (B, *S).
+            from labelled data, ``label`` (B,) and ``seg`` (B, *S); ``variables`` (names of the
+            image's channels, passed on to the model) when a single-channel model trains on one.
         inputs: ``inputs(model, batch) -> tuple`` of positional forward arguments for a clean batch
             (what evaluation and tests feed the model).
         extra: ``extra(model) -> object`` built once per run and passed to ``loss`` (None: nothing).

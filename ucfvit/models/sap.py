@@ -110,7 +110,8 @@ def _patch_input(model: SAP, batch) -> tuple:
 
 
 def _segmentation_loss(model: SAP, batch, rng: RandomSource, extra) -> torch.Tensor:
-    return segmentation_loss(model(*_patch_input(model, batch), rng=rng), batch["seg"])
+    logits = model(*_patch_input(model, batch), variables=batch.get("variables"), rng=rng)
+    return segmentation_loss(logits, batch["seg"])
 
 
 # The recipe trains on quadtree/octree patches (--data.patching tree): 46 = 1 + 3 * 15 regions tile the

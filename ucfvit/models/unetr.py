@@ -144,7 +144,7 @@ class UNETR(VisionTransformer):
 
 
 def _segmentation_loss(model: UNETR, batch, rng: RandomSource, extra) -> torch.Tensor:
-    return segmentation_loss(model(model_input(model, batch), rng=rng), batch["seg"])
+    return segmentation_loss(model(model_input(model, batch), variables=batch.get("variables"), rng=rng), batch["seg"])
 
 
 register_family(FamilySpec("unetr", UNETR, loss=_segmentation_loss, recipe={"arch.num_classes": 3}, needs=("seg",)))

@@ -114,7 +114,8 @@ class ViT(VisionTransformer):
 
 
 def _classification_loss(model: ViT, batch, rng: RandomSource, extra) -> torch.Tensor:
-    return F.cross_entropy(model(model_input(model, batch), rng=rng).float(), batch["label"])
+    logits = model(model_input(model, batch), variables=batch.get("variables"), rng=rng)
+    return F.cross_entropy(logits.float(), batch["label"])
 
 
 register_family(

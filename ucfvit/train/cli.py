@@ -2,9 +2,13 @@
 
     recipes/train.py --model mae --optim.lr 3e-4           # the mae recipe, one field changed
     recipes/train.py --config runs/a/config.json --max-steps 200   # repeat a run, longer
+    recipes/train.py --model mae --config datasets.json     # the recipe, with the file's options on top
 
-Model options that the data decides (input size from ``--data.tile``, channels and classes from
-the files) follow the data unless given on the command line (see ``data_setup.adapt_to_data``).
+A config file may hold every option (a saved ``config.json``) or only some (e.g. ``data.datasets``
+for several datasets); the options it leaves out come from the recipe of its ``model`` (or of
+``--model``). Model options that the data decides (input size from ``--data.tile``, channels and
+classes from the files) follow the data unless the file or the command line sets them (see
+``data_setup.adapt_to_data``).
 ``--model`` choices are the registered families (``ucfvit.models.list_models()``), read when the
 command line is parsed, so a family registered before that is a valid ``--model``.
 """
@@ -20,7 +24,7 @@ import tyro
 
 from ucfvit.models import list_models
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, dotted_options, load_config, read_config_file
 from .data_setup import adapt_to_data
 from .presets import preset
 
@@ -44,7 +48,7 @@ def parse(argv: Sequence[str], description: str | None = None) -> Config:
     """Parse a training command line into a :class:`Config`.
 
     ``--model``/``--model-size`` pick the recipe whose values become the defaults; ``--config FILE``
-    uses a saved ``config.json`` instead (then ``--model``/``--model-size`` may not change it).
+    puts the file's options on top of them (a file that names its model may not be given another).
     """
     argv = list(argv)
     pre = argparse.ArgumentParser(add_help=False)
@@ -52,13 +56,15 @@ def parse(argv: Sequence[str], description: str | None = None) -> Config:
     pre.add_argument("--model-size", "--model_size")
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
+    in_file: set[str] = set()
     if known.config is not None:
-        defaults = load_config(known.config)
+        raw = read_config_file(known.config)
+        in_file = dotted_options(raw)
         for flag, value, saved in (
-            ("--model", known.model, defaults.model),
-            ("--model-size", known.model_size, defaults.model_size),
+            ("--model", known.model, raw.get("model")),
+            ("--model-size", known.model_size, raw.get("model_size")),
         ):
-            if value is not None and value != saved:
+            if value is not None and saved is not None and value != saved:
                 raise ConfigError(
                     f"{flag} {value} contradicts --config {known.config} ({flag} {saved}): its arch options belong "
                     f"to {saved}; drop {flag}, or start from the recipe without --config"
@@ -69,12 +75,13 @@ def parse(argv: Sequence[str], description: str | None = None) -> Config:
             else next(i for i, a in enumerate(argv) if a.startswith("--config="))
         )
         del argv[index : index + (1 if "=" in argv[index] else 2)]
+        model, size = raw.get("model") or known.model or "mae", raw.get("model_size") or known.model_size
+        defaults = load_config(known.config, base=preset(model, size))
     else:
         defaults = preset(known.model or "mae", known.model_size)
     cls = cli_config_class()
     cfg = tyro.cli(cls, default=_as(cls, defaults), args=argv, description=description)
-    if known.config is None:  # a saved config already holds the model options its data decided
-        adapt_to_data(cfg, _given(argv))
+    adapt_to_data(cfg, _given(argv) | in_file)  # what the file or the flags set is kept
     return cfg
 
 

@@ -23,7 +23,9 @@ from .model_options import collect_options, make_arch_config
 
 __all__ = [
     "ARCH_OPTIONS", "ArchConfig", "Config", "ConfigError", "DataConfig", "DatasetConfig", "config_from_dict",
+    "dotted_options",
     "load_config",
+    "read_config_file",
 ]  # fmt: skip
 
 
@@ -212,8 +214,8 @@ def _type_name(kind: Any) -> str:
     return str(kind).replace("typing.", "") if not isinstance(kind, type) else kind.__name__
 
 
-def load_config(path: str | Path) -> Config:
-    """A :class:`Config` from a saved ``config.json`` (or ``.yaml``/``.yml`` when PyYAML is installed).
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a config file: ``config.json`` (or ``.yaml``/``.yml`` when PyYAML is installed).
 
     Data only: JSON/YAML safe loading, never code."""
     path = Path(path)
@@ -237,7 +239,35 @@ def load_config(path: str | Path) -> Config:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ConfigError(f"--config {path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of options, got {type(data).__name__}")
+    return data
+
+
+def _overlay(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``, option groups merged key by key (named dataset groups are replaced whole)."""
+    out = dict(base)
+    for key, value in over.items():
+        merge = isinstance(value, dict) and isinstance(out.get(key), dict) and key != "datasets"
+        out[key] = _overlay(out[key], value) if merge else value
+    return out
+
+
+def load_config(path: str | Path, base: Config | None = None) -> Config:
+    """A :class:`Config` from a config file (see :func:`read_config_file`): a saved ``config.json``,
+    or a partial file (e.g. only ``data.datasets``) whose options go on top of ``base`` (a recipe;
+    None: the dataclass defaults)."""
+    data = read_config_file(path)
     try:
-        return Config.from_dict(data)
+        return Config.from_dict(data if base is None else _overlay(base.to_dict(), data))
     except (TypeError, ValueError) as err:
         raise ConfigError(f"--config {path}: {err}") from err
+
+
+def dotted_options(data: dict[str, Any], prefix: str = "") -> set[str]:
+    """The options a config mapping sets, dotted (``{"arch": {"img_size": ..}}`` -> ``arch.img_size``)."""
+    out = set()
+    for key, value in data.items():
+        nested = isinstance(value, dict) and key != "datasets"
+        out |= dotted_options(value, f"{prefix}{key}.") if nested else {prefix + key}
+    return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,16 +31,17 @@ from ucfvit.models import FamilySpec
 
 from .checkpoint import write_atomic
 
-__all__ = ["DataSetup", "adapt_to_data", "check_data", "input_spec", "prepare_data"]
+__all__ = ["DataSetup", "adapt_to_data", "channel_batches", "check_data", "input_spec", "prepare_data"]
 
 INDEX_FILE, PLAN_FILE = Path("data") / "index.json", Path("data") / "plan.json"
 
 
 def input_spec(model: nn.Module, spec: FamilySpec) -> InputSpec:
-    """What ``model`` takes, for the data pipeline."""
+    """What ``model`` takes, for the data pipeline: a ``single_channel`` model reads samples with all
+    its variables as channels and trains on them one at a time (:func:`channel_batches`)."""
     return InputSpec(
         img_size=tuple(model.img_size),
-        channels=model.data_chans,
+        channels=len(model.variables) if getattr(model, "single_channel", False) else model.data_chans,
         variables=tuple(model.variables),
         num_classes=getattr(model, "num_classes", None),
         needs=spec.needs,
@@ -88,8 +90,15 @@ def check_data(data: DataConfig, model: nn.Module, spec: FamilySpec, dp_size: in
             how = {"seg": "per-pixel labels: pass --data.labels DIR", "label": "class labels: use --data.kind "
                    "imagefolder with one sub-folder per class"}  # fmt: skip
             raise ValueError(f"{where}--model {spec.name} trains on {how[missing[0]]}")
-    if getattr(model, "adaptive_patching", False) and data.patching == "tree":
+    tree = getattr(model, "adaptive_patching", False) and data.patching == "tree"
+    if tree:
         _check_tree(data, model)
+    if data.separate_channels and not (tree and getattr(model, "single_channel", False)):
+        raise ValueError(
+            "--data.separate-channels gives each channel its own quadtree/octree, so the model must train on one "
+            "channel at a time from adaptive patches: add --arch.single-channel and --arch.adaptive-patching "
+            "(with --data.patching tree), or drop --data.separate-channels"
+        )
 
 
 def _provides(cfg, entry: str) -> bool:
@@ -110,6 +119,24 @@ def _check_tree(data: DataConfig, model: nn.Module) -> None:
         raise ValueError(
             f"--data.min-patch {side} must divide the input size --arch.img-size {' '.join(map(str, model.img_size))}"
         )
+
+
+def channel_batches(batch: dict, variables: Sequence[str], separate_trees: bool) -> list[dict]:
+    """A batch of a ``single_channel`` model split into one batch per channel, each naming its variable
+    (``batch["variables"]``, which the family losses pass to the model). Patch sequences are split
+    along their channel axis: (B, L, C, ..) from one shared tree, or (B, C, L, ..) from one tree per
+    channel (``--data.separate-channels``). Labels and masks are shared by every channel."""
+    trees = ("patches", "coords", "sizes", "valid")
+    out = []
+    for c, name in enumerate(variables):
+        sub = {**batch, "image": batch["image"][:, c : c + 1], "variables": (name,)}
+        if "patches" in batch:
+            if separate_trees:
+                sub.update({k: batch[k][:, c] for k in trees if k in batch})
+            else:
+                sub["patches"] = batch["patches"][:, :, c : c + 1]
+        out.append(sub)
+    return out
 
 
 @dataclass

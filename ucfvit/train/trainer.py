@@ -41,7 +41,7 @@ from ucfvit.parallel.mesh import world_size
 
 from .checkpoint import Checkpointer, CheckpointError, decode_rng, encode_rng, read_checkpoint_config
 from .config import ARCH_OPTIONS, Config, ConfigError
-from .data_setup import check_data, input_spec, prepare_data
+from .data_setup import channel_batches, check_data, input_spec, prepare_data
 from .export import export_safetensors, exported_config, load_exported  # noqa: F401 (load_exported: its former home)
 from .metrics import Throughput, append_jsonl, format_progress, peak_flops, train_flops_per_sample
 from .optim import build_optimizer, lr_at
@@ -383,11 +383,12 @@ def _train(cfg: Config, plan: RunPlan, lock: RunLock, watchdog: Watchdog) -> Tra
     micro = cfg.data.micro_batch_size or len(rows)
     accum = len(rows) // micro
     tree = getattr(model, "adaptive_patching", False) and cfg.data.patching == "tree"
+    single = getattr(model, "single_channel", False)
     loader = build_loader(
         data.sources, data.plan, dp_rank, start, start_step, cfg.max_steps, micro, cfg.run.seed,
         shuffle=cfg.data.shuffle,
-        transform=TreePatches(model.patch_size, model.fixed_length, cfg.data.min_patch, cfg.data.edge_thresholds)
-        if tree else None,
+        transform=TreePatches(model.patch_size, model.fixed_length, cfg.data.min_patch, cfg.data.edge_thresholds,
+                              cfg.data.separate_channels) if tree else None,
         num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
         pin_memory=device_type == "cuda",
     )  # fmt: skip
@@ -426,12 +427,14 @@ def _train(cfg: Config, plan: RunPlan, lock: RunLock, watchdog: Watchdog) -> Tra
             loss_sum = torch.zeros((), device=device)
             for m in range(accum):
                 batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-                if accum > 1:
-                    model.set_requires_gradient_sync(m == accum - 1)
                 rng = sample_rng(mesh, cfg.run.seed, step, global_batch, micro_start=m * micro)
-                loss = plan.spec.loss(model, batch, rng, extra) / accum
-                loss.backward()
-                loss_sum += loss.detach()
+                parts = channel_batches(batch, model.variables, cfg.data.separate_channels) if single else [batch]
+                for i, part in enumerate(parts):  # a single-channel model trains on each channel in turn
+                    if accum * len(parts) > 1:  # gradients are reduced once, on the step's last backward
+                        model.set_requires_gradient_sync(m == accum - 1 and i == len(parts) - 1)
+                    loss = plan.spec.loss(model, part, rng, extra) / (accum * len(parts))
+                    loss.backward()
+                    loss_sum += loss.detach()
             grad_norm = clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
             if guard.update_ok(step + 1, loss_sum, grad_norm, checkpointer.last_saved):
                 optimizer.step()
