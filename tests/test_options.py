@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import FAMILIES, IMG, make_inputs, output_tensor
 from distributed import run_ranks
 from ucfvit.models import DDPMScheduler, build_model, grid_patches
-from ucfvit.models.convert import timm_vit_state_dict
+from ucfvit.models.convert import timm_state_dict_from_vit, timm_vit_state_dict
 from ucfvit.models.embed import resize_pos_embed
 
 OFF = {"qk_norm": False, "init_values": None, "attn_drop_rate": 0.0, "proj_drop_rate": 0.0, "pos_drop_rate": 0.0}
@@ -342,6 +342,31 @@ def test_timm_avg_pool_vit_converts_to_equal_logits(qk_norm_and_ls):
         state["blocks.0.attn.qkv.bias"][d] = 1.0
         with pytest.raises(ValueError, match="key bias"):
             timm_vit_state_dict(state)
+
+
+@pytest.mark.parametrize("pos_embed, qk_norm_and_ls", [("learned", True), ("sincos", False)])
+def test_vit_exports_to_a_timm_state_dict_with_equal_logits_and_back(pos_embed, qk_norm_and_ls):
+    d, depth, heads, patch, grid = 32, 2, 4, 4, 4
+    kwargs = dict(
+        img_size=patch * grid, patch_size=patch, embed_dim=d, depth=depth, num_heads=heads, num_classes=5,
+        global_pool="avg", class_token=True, pos_embed=pos_embed, qk_norm=qk_norm_and_ls,
+        init_values=0.1 if qk_norm_and_ls else None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model("vit", "debug", **kwargs).eval()
+    with torch.no_grad():  # biases and norms away from their zero/one init, so every tensor matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(2, 3, patch * grid, patch * grid)
+    state = timm_state_dict_from_vit(model)
+    assert "blocks.0.attn.qkv.weight" in state and state["pos_embed"].shape == (1, 1 + grid * grid, d)
+    torch.testing.assert_close(timm_vit_forward(state, x, depth, heads, patch), model(x), rtol=0, atol=1e-5)
+    back = build_model("vit", "debug", **{**kwargs, "pos_embed": "learned"}).eval()
+    back.load_state_dict(timm_vit_state_dict(state))
+    torch.testing.assert_close(back(x), model(x), rtol=0, atol=1e-5)
+    for bad in (dict(rope=True, pos_embed="none"), dict(use_varemb=True, variables=["a", "b", "c"])):
+        with pytest.raises(ValueError, match="timm's VisionTransformer has no equivalent"):
+            timm_state_dict_from_vit(build_model("vit", "debug", img_size=16, **bad))
 
 
 # ---------------------------------------------------------------- issue #8 bugs
