@@ -76,7 +76,7 @@ def timm_state_dict_from_vit(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         raise ValueError(f"timm's VisionTransformer has no equivalent of this model's {what}")
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     prefix = model.num_prefix_tokens
-    pos = model.pos_embed.detach().float()
+    pos = model.pos_embed.detach()
     state["pos_embed"] = torch.cat([pos.new_zeros(1, prefix, pos.shape[-1]), pos], dim=1) if prefix else pos.clone()
     out: dict[str, torch.Tensor] = {}
     for name, value in state.items():
