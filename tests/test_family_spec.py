@@ -139,6 +139,18 @@ def test_a_saved_config_loads_back_as_the_defaults(tmp_path):
         parse(["--config", str(path), "--model", "vit"])
 
 
+def test_a_partial_config_file_goes_on_top_of_the_recipe(tmp_path):
+    path = tmp_path / "part.json"
+    path.write_text(json.dumps({"arch": {"depth": 1}, "optim": {"lr": 0.5}}))
+    cfg = parse(["--model", "vit", "--config", str(path), "--max-steps", "3"])
+    recipe = parse(["--model", "vit"])
+    assert cfg.model == "vit" and cfg.arch.depth == 1 and cfg.optim.lr == 0.5 and cfg.max_steps == 3
+    assert cfg.arch.num_classes == recipe.arch.num_classes and cfg.optim.weight_decay == recipe.optim.weight_decay
+    path.write_text(json.dumps({"model": "nope"}))
+    with pytest.raises(ValueError, match=r"part.json: model 'nope' is unknown; choose one of \['vit'"):
+        parse(["--config", str(path)])
+
+
 @pytest.mark.parametrize(
     "text, match",
     [

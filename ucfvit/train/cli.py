@@ -76,6 +76,8 @@ def parse(argv: Sequence[str], description: str | None = None) -> Config:
         )
         del argv[index : index + (1 if "=" in argv[index] else 2)]
         model, size = raw.get("model") or known.model or "mae", raw.get("model_size") or known.model_size
+        if model not in list_models():
+            raise ConfigError(f"--config {known.config}: model {model!r} is unknown; choose one of {list_models()}")
         defaults = load_config(known.config, base=preset(model, size))
     else:
         defaults = preset(known.model or "mae", known.model_size)

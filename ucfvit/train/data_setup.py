@@ -96,8 +96,8 @@ def check_data(data: DataConfig, model: nn.Module, spec: FamilySpec, dp_size: in
     if data.separate_channels and not (tree and getattr(model, "single_channel", False)):
         raise ValueError(
             "--data.separate-channels gives each channel its own quadtree/octree, so the model must train on one "
-            "channel at a time from adaptive patches: add --arch.single-channel and --arch.adaptive-patching "
-            "(with --data.patching tree), or drop --data.separate-channels"
+            "channel at a time from adaptive patches: add --arch.single-channel True and --arch.adaptive-patching "
+            "True (with --data.patching tree), or drop --data.separate-channels"
         )
 
 
