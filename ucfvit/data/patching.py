@@ -33,10 +33,11 @@ Resizing
     float64 image is rounded to float32 once).
 
 Complexity
-    Linear in the number of pixels: one criterion pass (Canny per channel, or forward differences),
-    one pass to cell scores, a pyramid over the cells, an O(n) top-K selection (``np.partition``)
-    over the splittable nodes, and one gather plus one resize per distinct region side. Python
-    loops run only over tree levels, region sides and channels.
+    Linear in the number of pixels: one pass over each channel while it is in cache (its range,
+    its criterion: Canny from OpenCV's Sobel gradients, or forward differences; and the first
+    level of the image pyramid), one pass to cell scores, a pyramid over the cells, an O(n) top-K
+    selection (``np.partition``) over the splittable nodes, and one gather plus one resize per
+    distinct region side. Python loops run only over tree levels, region sides and channels.
 """
 
 from __future__ import annotations
@@ -84,17 +85,18 @@ def _edges_u8(channel: np.ndarray, lo: float, hi: float, thresholds: tuple[float
         img8 = cv2.convertScaleAbs(channel, alpha=alpha, beta=-lo * alpha)
     else:
         img8 = np.zeros(channel.shape, np.uint8)
-    return cv2.Canny(img8, float(thresholds[0]), float(thresholds[1]))
+    # Canny from the 3x3 Sobel gradients OpenCV's own Canny would compute (replicated border): the same
+    # edges bit for bit, in about half the time of cv2.Canny(img8, ...), whose fused Sobel is slower.
+    dx, dy = cv2.spatialGradient(img8, borderType=cv2.BORDER_REPLICATE)
+    return cv2.Canny(dx, dy, float(thresholds[0]), float(thresholds[1]))
 
 
-def _edge_channels(image: np.ndarray, bounds, thresholds: tuple[float, float], separate: bool) -> list[np.ndarray]:
-    edges = [_edges_u8(ch, lo, hi, thresholds) for ch, lo, hi in zip(image, *bounds, strict=True)]
-    if separate:
-        return edges
+def _union(edges: list[np.ndarray]) -> np.ndarray:
+    """Pixels that are an edge in any of the channels' 0/255 maps."""
     combined = edges[0]
     for e in edges[1:]:
         combined = cv2.max(combined, e)
-    return [combined]
+    return combined
 
 
 def edge_map_2d(image: np.ndarray, thresholds: tuple[float, float] = (50.0, 150.0)) -> np.ndarray:
@@ -106,7 +108,8 @@ def edge_map_2d(image: np.ndarray, thresholds: tuple[float, float] = (50.0, 150.
     image = _check_image(image)
     if image.ndim != 3:
         raise ValueError(f"edge_map_2d takes a (C, H, W) image, got shape {image.shape}")
-    return (_edge_channels(image, _bounds(image), thresholds, False)[0] > 0).astype(np.float32)
+    edges = [_edges_u8(ch, lo, hi, thresholds) for ch, lo, hi in zip(image, *_bounds(image), strict=True)]
+    return (_union(edges) > 0).astype(np.float32)
 
 
 def _gradient_channel(volume: np.ndarray) -> np.ndarray:
@@ -154,21 +157,23 @@ def gradient_map_3d(image: np.ndarray) -> np.ndarray:
     return out
 
 
-def _box_mean(x: np.ndarray, f: int, nd: int) -> np.ndarray:
+def _box_mean(x: np.ndarray, f: int, nd: int, out: np.ndarray | None = None) -> np.ndarray:
     """f-fold box average over the last ``nd`` axes of a C-contiguous float array (OpenCV INTER_AREA).
 
     With an integer factor INTER_AREA averages disjoint f x f windows (float32 sums for float32
     input). The array is seen as 2D (rows = every axis but the last): a window of f rows never
     straddles an outer axis because each spatial side is a multiple of f. In 3D a second pass
-    averages the depth axis.
+    averages the depth axis. ``out`` (C-contiguous, float32, the result's shape) receives the result.
     """
     lead, spatial = x.shape[: x.ndim - nd], x.shape[x.ndim - nd :]
     small = tuple(n // f for n in spatial)
     flat = x.reshape(-1, spatial[-1])
-    flat = cv2.resize(flat, (small[-1], flat.shape[0] // f), interpolation=cv2.INTER_AREA)
+    last = None if out is None else out.reshape(-1, small[-1] if nd == 2 else small[1] * small[2])
+    first = last if nd == 2 else None
+    flat = cv2.resize(flat, (small[-1], flat.shape[0] // f), dst=first, interpolation=cv2.INTER_AREA)
     if nd == 3:
         flat = flat.reshape(-1, small[1] * small[2])  # rows: (lead, depth); columns: the shrunk plane
-        flat = cv2.resize(flat, (flat.shape[1], flat.shape[0] // f), interpolation=cv2.INTER_AREA)
+        flat = cv2.resize(flat, (flat.shape[1], flat.shape[0] // f), dst=last, interpolation=cv2.INTER_AREA)
     return flat.reshape(*lead, *small)
 
 
@@ -181,16 +186,37 @@ def _edge_counts(edges: np.ndarray, m: int) -> np.ndarray:
     return (corner[1:, 1:] - corner[:-1, 1:] - corner[1:, :-1] + corner[:-1, :-1]) // 255
 
 
-def _scores(image: np.ndarray, m: int, bounds, thresholds: tuple[float, float], separate: bool) -> list[np.ndarray]:
-    """Cell scores: one array per tree (one per channel if ``separate``, else one)."""
-    if image.ndim == 3:
-        return [_edge_counts(e, m) for e in _edge_channels(image, bounds, thresholds, separate)]
-    grid = tuple(n // m for n in image.shape[1:])
-    per_channel = [
-        _box_mean(_gradient_channel(ch), m, 3).astype(np.float64) * (m**3 / (hi - lo)) if hi > lo else np.zeros(grid)
-        for ch, lo, hi in zip(image, *bounds, strict=True)
-    ]
-    return per_channel if separate else [sum(per_channel[1:], per_channel[0])]
+def _gradient_scores(volume: np.ndarray, m: int, lo: float, hi: float) -> np.ndarray:
+    """Cell scores of one (D, H, W) channel: its gradient magnitude summed per m^3 cell over its range."""
+    if hi > lo:
+        return _box_mean(_gradient_channel(volume), m, 3).astype(np.float64) * (m**3 / (hi - lo))
+    return np.zeros(tuple(n // m for n in volume.shape))
+
+
+def _channel_pass(image: np.ndarray, m: int, thresholds: tuple[float, float], separate: bool, halve: bool):
+    """One pass over the channels, each used for everything while it is still in cache: its [min,
+    max], its criterion and, if ``halve``, its 2x box average (the image pyramid's first level).
+    Returns ``(bounds, scores, half)``: scores has one cell-score array per tree (one per channel
+    if ``separate``, else one); half is None unless ``halve``. At 1024^2 x 3 this pass order saves a
+    sixth of the patching time over channel-wide passes, which re-read the image from memory."""
+    nd, count = image.ndim - 1, image.shape[0]
+    lo, hi = np.zeros((2, count))
+    half = np.empty((count, *(n // 2 for n in image.shape[1:])), np.float32) if halve else None
+    criteria = []
+    for c, channel in enumerate(image):
+        lo[c], hi[c] = cv2.minMaxLoc(channel.reshape(-1, channel.shape[-1]))[:2]
+        if nd == 2:
+            criteria.append(_edges_u8(channel, lo[c], hi[c], thresholds))
+        else:
+            criteria.append(_gradient_scores(channel, m, lo[c], hi[c]))
+        if half is not None:
+            low, high = np.float32(lo[c : c + 1]), np.float32(hi[c : c + 1])
+            _halve(channel[None].astype(np.float32, copy=False), nd, low, high, out=half[c : c + 1])
+    if nd == 2:
+        trees = [_edge_counts(e, m) for e in (criteria if separate else [_union(criteria)])]
+    else:
+        trees = criteria if separate else [sum(criteria[1:], criteria[0])]
+    return (lo, hi), trees, half
 
 
 def _pyramid(cells: np.ndarray) -> list[np.ndarray]:
@@ -275,12 +301,12 @@ def _blocks(x: np.ndarray, side: int) -> np.ndarray:
     return np.lib.stride_tricks.as_strided(x, shape=shape, strides=strides, writeable=x.flags.writeable)
 
 
-def _halve(x: np.ndarray, nd: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+def _halve(x: np.ndarray, nd: int, lo: np.ndarray, hi: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """(C, *S) float32 box-averaged 2x per spatial axis (an odd trailing row/slice is dropped), each
-    channel clipped to its [lo, hi] where float32 sums rounded one ulp outside."""
+    channel clipped to its [lo, hi] where float32 sums rounded one ulp outside; into ``out`` if given."""
     if any(n % 2 for n in x.shape[1:]):
         x = np.ascontiguousarray(x[(slice(None), *(slice(0, n - n % 2) for n in x.shape[1:]))])
-    out = _box_mean(x, 2, nd)
+    out = _box_mean(x, 2, nd, out)
     for c, channel in enumerate(out):
         low, high = cv2.minMaxLoc(channel.reshape(-1, channel.shape[-1]))[:2]
         if low < lo[c] or high > hi[c]:
@@ -316,7 +342,7 @@ def _write(out: np.ndarray, position: np.ndarray, blocks: np.ndarray) -> None:
         out[position] = dst
 
 
-def _patch_tree(image: np.ndarray, cells: np.ndarray, p: int, m: int, fixed_length: int, bounds) -> dict:
+def _patch_tree(image: np.ndarray, cells: np.ndarray, p: int, m: int, fixed_length: int, bounds, half=None) -> dict:
     nd = image.ndim - 1
     spatial = image.shape[1:]
     leaves = _leaves(cells, fixed_length, m)
@@ -330,8 +356,9 @@ def _patch_tree(image: np.ndarray, cells: np.ndarray, p: int, m: int, fixed_leng
     patches = np.empty((fixed_length, image.shape[0], *[p] * nd), np.float32)
     patches[n:] = 0  # pad tokens; every real one is written below
     # Regions larger than p are read from an image pyramid (level j: box average by 2**j, built by
-    # repeated halving only as deep as needed), where a region of side p * 2**j is a p-block.
-    pyramid = [image]
+    # repeated halving only as deep as needed; ``half``, level 1, may come computed), where a region
+    # of side p * 2**j is a p-block.
+    pyramid = [image] if half is None else [image, half]
     lo, hi = (b.astype(np.float32) for b in bounds)
     start = 0
     for k, idx in enumerate(leaves):
@@ -404,13 +431,24 @@ def adaptive_patches(
     """
     image = _check_image(image)
     m = _check_sizes(image.shape[1:], patch_size, min_patch, fixed_length)
-    bounds = _bounds(image)
-    trees = _scores(image, m, bounds, edge_thresholds, separate_channels)
+    # The first pyramid level is made in the channel pass when some region will need it: every
+    # cell is one (side m) when fixed_length covers all cells, else some region has side >= 2m.
+    cells = math.prod(n // m for n in image.shape[1:])
+    halve = m >= 2 * patch_size or (m >= patch_size and fixed_length < cells)
+    bounds, trees, half = _channel_pass(image, m, edge_thresholds, separate_channels, halve)
     if not separate_channels:
-        return _patch_tree(image, trees[0], patch_size, m, fixed_length, bounds)
+        return _patch_tree(image, trees[0], patch_size, m, fixed_length, bounds, half)
     parts = [
-        _patch_tree(image[c : c + 1], cells, patch_size, m, fixed_length, (bounds[0][c : c + 1], bounds[1][c : c + 1]))
-        for c, cells in enumerate(trees)
+        _patch_tree(
+            image[c : c + 1],
+            tree,
+            patch_size,
+            m,
+            fixed_length,
+            (bounds[0][c : c + 1], bounds[1][c : c + 1]),
+            None if half is None else half[c : c + 1],
+        )
+        for c, tree in enumerate(trees)
     ]
     return {key: np.stack([part[key] for part in parts]) for key in parts[0]}
 
