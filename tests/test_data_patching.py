@@ -286,6 +286,21 @@ def test_input_dtypes(dtype):
     assert out["patches"].dtype == np.float32
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (7, 5), (33, 64), (130, 97)])
+def test_edges_equal_opencv_canny_exactly(shape):
+    # An 8-bit image spanning 0..255 is used as it is, so the edges must be cv2.Canny's, bit for bit
+    # (they are computed from cv2.spatialGradient's Sobel, which is faster than Canny's own).
+    rng = np.random.default_rng(sum(shape))
+    for image in (
+        rng.integers(0, 256, shape),
+        cv2.GaussianBlur(rng.integers(0, 256, shape).astype(np.uint8), (5, 5), 2),
+    ):
+        image = image.astype(np.uint8)
+        image.flat[0], image.flat[-1] = 0, 255
+        expect = cv2.Canny(image, 50, 150) > 0
+        assert np.array_equal(edge_map_2d(image[None]).astype(bool), expect)
+
+
 def test_criteria():
     image = noisy((2, 64, 48))
     edges = edge_map_2d(image)
