@@ -23,12 +23,14 @@ FORBIDDEN = {
     "ucfvit.models": ("torch.distributed", "ucfvit.parallel", "ucfvit.train", "ucfvit.data"),
     "ucfvit.parallel": ("ucfvit.train", "ucfvit.data"),
     "ucfvit.data": ("ucfvit.train", "ucfvit.parallel"),
+    "ucfvit.interop": ("torch.distributed", "ucfvit.parallel", "ucfvit.train", "ucfvit.data"),
     "ucfvit.train": (),  # the top layer: may use all others
 }
 WHY = {
     "ucfvit.models": "model code is plain PyTorch: DESIGN.md, principle 1",
     "ucfvit.parallel": "parallel/ works for any model and knows nothing of training or data",
     "ucfvit.data": "data/ knows nothing of training or of parallel/",
+    "ucfvit.interop": "weight conversion knows the models' names only: plain PyTorch like models/",
 }
 
 RUFF_PATHS = ["ucfvit", "tests", "recipes", "examples", "benchmarks"]

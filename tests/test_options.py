@@ -1,5 +1,5 @@
 """Encoder options (qk_norm, LayerScale, dropouts, pooling, position tables), reference position
-tables and initialisation, weight conversion from timm, and the fixes of issue #8."""
+tables and initialisation, and the fixes of issue #8 (weight conversion: test_interop.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from conftest import FAMILIES, IMG, make_inputs, output_tensor
 from distributed import run_ranks
+from reference_models import mae_2d_table, ucfvit_3d_table
 from ucfvit.models import DDPMScheduler, build_model, grid_patches
-from ucfvit.models.convert import timm_state_dict_from_vit, timm_vit_state_dict
 from ucfvit.models.embed import resize_pos_embed
 
 OFF = {"qk_norm": False, "init_values": None, "attn_drop_rate": 0.0, "proj_drop_rate": 0.0, "pos_drop_rate": 0.0}
@@ -128,28 +128,6 @@ def test_bad_option_values_raise(kwargs, match):
 
 
 # ---------------------------------------------------------------- position tables
-def _sincos_1d(width: int, pos: torch.Tensor) -> torch.Tensor:
-    """The Transformer/MAE 1D table: [sin(p w_i)..., cos(p w_i)...], w_i = 1/10000^(i/(width/2))."""
-    omega = 1.0 / 10000 ** (torch.arange(width // 2, dtype=torch.float64) / (width / 2))
-    out = pos.double().reshape(-1, 1) * omega
-    return torch.cat([out.sin(), out.cos()], dim=1)
-
-
-def mae_2d_table(dim: int, gh: int, gw: int) -> torch.Tensor:
-    """MAE's get_2d_sincos_pos_embed(cls_token=True), from its definition: a zero class row, then
-    for each patch (row-major) the w coordinate in the first half and the h coordinate in the second."""
-    w = torch.arange(gw).repeat(gh)  # meshgrid(w, h)[0], flattened
-    h = torch.arange(gh).repeat_interleave(gw)
-    patches = torch.cat([_sincos_1d(dim // 2, w), _sincos_1d(dim // 2, h)], dim=1)
-    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), patches])
-
-
-def ucfvit_3d_table(dim: int, gh: int, gw: int, gd: int) -> torch.Tensor:
-    """UCF-VIT's get_3d_sincos_pos_embed: a third of the channels per axis, in the order (h, w, d)."""
-    h = _sincos_1d(dim // 3, torch.arange(gh)).repeat_interleave(gw * gd, 0)
-    w = _sincos_1d(dim // 3, torch.arange(gw)).repeat_interleave(gd, 0).repeat(gh, 1)
-    d = _sincos_1d(dim // 3, torch.arange(gd)).repeat(gh * gw, 1)
-    return torch.cat([h, w, d], dim=1)
 
 
 def test_2d_sincos_tables_equal_mae_and_3d_equal_ucfvit():
@@ -256,117 +234,6 @@ def test_qkv_weights_share_the_fused_xavier_bound():
 def test_meta_init_of_new_options_under_parallelize():
     for rank in run_ranks(4, "option_cases:meta_init_options", "1x2x2"):
         assert rank["pos_diff"] == 0 and rank["gamma_ok"] and rank["qk_norm_ok"], rank
-
-
-# ---------------------------------------------------------------- timm weights
-def timm_vit_forward(state: dict, x: torch.Tensor, depth: int, heads: int, patch: int) -> torch.Tensor:
-    """timm's VisionTransformer forward (global_pool='avg', fc_norm, class token, pos_embed with a
-    class slot, fused qkv, optional qk_norm / LayerScale) in eval mode, written from its definition."""
-
-    def ln(t, p):
-        return F.layer_norm(t, t.shape[-1:], state[p + ".weight"], state.get(p + ".bias"), eps=1e-6)
-
-    def lin(t, p):
-        return F.linear(t, state[p + ".weight"], state.get(p + ".bias"))
-
-    x = F.conv2d(x, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"], stride=patch)
-    x = x.flatten(2).transpose(1, 2)
-    b, n, d = x.shape
-    x = torch.cat([state["cls_token"].expand(b, -1, -1), x], dim=1) + state["pos_embed"]
-    for i in range(depth):
-        p = f"blocks.{i}"
-        qkv = lin(ln(x, f"{p}.norm1"), f"{p}.attn.qkv").reshape(b, n + 1, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        if f"{p}.attn.q_norm.weight" in state:
-            q, k = ln(q, f"{p}.attn.q_norm"), ln(k, f"{p}.attn.k_norm")
-        a = lin(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n + 1, d), f"{p}.attn.proj")
-        x = x + a * state.get(f"{p}.ls1.gamma", 1.0)
-        m = lin(F.gelu(lin(ln(x, f"{p}.norm2"), f"{p}.mlp.fc1")), f"{p}.mlp.fc2")
-        x = x + m * state.get(f"{p}.ls2.gamma", 1.0)
-    return lin(ln(x[:, 1:].mean(dim=1), "fc_norm"), "head")
-
-
-@pytest.mark.parametrize("qk_norm_and_ls", [False, True])
-def test_timm_avg_pool_vit_converts_to_equal_logits(qk_norm_and_ls):
-    d, depth, heads, patch, grid, classes = 64, 2, 4, 4, 4, 7
-    g = torch.Generator().manual_seed(0)
-    shapes = {
-        "patch_embed.proj.weight": (d, 3, patch, patch),
-        "patch_embed.proj.bias": (d,),
-        "cls_token": (1, 1, d),
-        "pos_embed": (1, 1 + grid * grid, d),
-        "fc_norm.weight": (d,),
-        "fc_norm.bias": (d,),
-        "head.weight": (classes, d),
-        "head.bias": (classes,),
-    }
-    for i in range(depth):
-        p = f"blocks.{i}"
-        shapes.update(
-            {
-                f"{p}.norm1.weight": (d,),
-                f"{p}.norm1.bias": (d,),
-                f"{p}.attn.qkv.weight": (3 * d, d),
-                f"{p}.attn.qkv.bias": (3 * d,),
-                f"{p}.attn.proj.weight": (d, d),
-                f"{p}.attn.proj.bias": (d,),
-                f"{p}.norm2.weight": (d,),
-                f"{p}.norm2.bias": (d,),
-                f"{p}.mlp.fc1.weight": (4 * d, d),
-                f"{p}.mlp.fc1.bias": (4 * d,),
-                f"{p}.mlp.fc2.weight": (d, 4 * d),
-                f"{p}.mlp.fc2.bias": (d,),
-            }
-        )
-        if qk_norm_and_ls:
-            shapes.update({f"{p}.attn.{n}_norm.{w}": (d // heads,) for n in "qk" for w in ("weight", "bias")})
-            shapes.update({f"{p}.ls1.gamma": (d,), f"{p}.ls2.gamma": (d,)})
-    state = {
-        k: torch.randn(s, generator=g) * (0.5 if len(s) > 1 else 0.2) + (1.0 if "norm" in k and "weight" in k else 0)
-        for k, s in shapes.items()
-    }
-    if qk_norm_and_ls:
-        for i in range(depth):  # a key bias would pass through k_norm: timm qk_norm models have none here
-            state[f"blocks.{i}.attn.qkv.bias"][d : 2 * d] = 0
-    x = torch.randn(2, 3, patch * grid, patch * grid, generator=g)
-    expect = timm_vit_forward(state, x, depth, heads, patch)
-
-    model = build_model(
-        "vit", "debug", img_size=patch * grid, patch_size=patch, embed_dim=d, depth=depth, num_heads=heads,
-        num_classes=classes, global_pool="avg", class_token=True, pos_embed="learned",
-        qk_norm=qk_norm_and_ls, init_values=0.1 if qk_norm_and_ls else None,
-    ).eval()  # fmt: skip
-    model.load_state_dict(timm_vit_state_dict(state))
-    torch.testing.assert_close(model(x), expect, rtol=0, atol=1e-5)
-    if qk_norm_and_ls:
-        state["blocks.0.attn.qkv.bias"][d] = 1.0
-        with pytest.raises(ValueError, match="key bias"):
-            timm_vit_state_dict(state)
-
-
-@pytest.mark.parametrize("pos_embed, qk_norm_and_ls", [("learned", True), ("sincos", False)])
-def test_vit_exports_to_a_timm_state_dict_with_equal_logits_and_back(pos_embed, qk_norm_and_ls):
-    d, depth, heads, patch, grid = 32, 2, 4, 4, 4
-    kwargs = dict(
-        img_size=patch * grid, patch_size=patch, embed_dim=d, depth=depth, num_heads=heads, num_classes=5,
-        global_pool="avg", class_token=True, pos_embed=pos_embed, qk_norm=qk_norm_and_ls,
-        init_values=0.1 if qk_norm_and_ls else None,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = build_model("vit", "debug", **kwargs).eval()
-    with torch.no_grad():  # biases and norms away from their zero/one init, so every tensor matters
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    x = torch.randn(2, 3, patch * grid, patch * grid)
-    state = timm_state_dict_from_vit(model)
-    assert "blocks.0.attn.qkv.weight" in state and state["pos_embed"].shape == (1, 1 + grid * grid, d)
-    torch.testing.assert_close(timm_vit_forward(state, x, depth, heads, patch), model(x), rtol=0, atol=1e-5)
-    back = build_model("vit", "debug", **{**kwargs, "pos_embed": "learned"}).eval()
-    back.load_state_dict(timm_vit_state_dict(state))
-    torch.testing.assert_close(back(x), model(x), rtol=0, atol=1e-5)
-    for bad in (dict(rope=True, pos_embed="none"), dict(use_varemb=True, variables=["a", "b", "c"])):
-        with pytest.raises(ValueError, match="timm's VisionTransformer has no equivalent"):
-            timm_state_dict_from_vit(build_model("vit", "debug", img_size=16, **bad))
 
 
 # ---------------------------------------------------------------- issue #8 bugs

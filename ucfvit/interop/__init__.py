@@ -1,0 +1,18 @@
+"""Weights in and out: timm ViTs, the MAE reference and UCF-VIT checkpoints, read without unpickling code.
+
+Converters are data plus small reshapes (:mod:`.common`); each takes a state dict in the other
+project's names and returns one that ``load_state_dict`` of the matching ucfvit model accepts, or
+the other way round (``to_*``). Model code stays plain PyTorch: nothing here touches
+``torch.distributed``.
+"""
+
+from .common import WeightsError
+from .files import read_weights
+from .mae import ENCODER_PREFIXES, encoder_only, from_mae_reference, to_mae_reference
+from .pretrained import LoadReport, load_pretrained
+from .timm import from_timm, to_timm
+
+__all__ = [
+    "ENCODER_PREFIXES", "LoadReport", "WeightsError", "encoder_only", "from_mae_reference", "from_timm",
+    "load_pretrained", "read_weights", "to_mae_reference", "to_timm",
+]  # fmt: skip
