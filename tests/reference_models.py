@@ -150,3 +150,76 @@ def mae_reference_patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
     n, c, h, w = imgs.shape
     x = imgs.reshape(n, c, h // p, p, w // p, p)
     return torch.einsum("nchpwq->nhwpqc", x).reshape(n, (h // p) * (w // p), p * p * c)
+
+
+# ---------------------------------------------------------------- UCF-VIT (irlyngaas/UCF-VIT at c114eeb)
+def ucf_vit_state(
+    generator: torch.Generator, *, d: int, depth: int, patch: int, grid: int, classes: int, variables: int = 0
+) -> dict[str, torch.Tensor]:
+    """A UCF-VIT ``VIT`` classifier's ``model_state_dict`` as its simple (DDP) mode saves it: ``module.``
+    names, a class token, a learned ``pos_embed`` with a class row, the conv patch embedding stored
+    again under ``token_embeds``; with ``variables`` > 0 its variable embedding and
+    ``VariableMapping_Attention`` aggregation (one conv shared by all variables)."""
+    chans = 1 if variables else 3
+    shapes = {"cls_token": (1, 1, d), "pos_embed": (1, 1 + grid * grid, d)}
+    shapes |= {"patch_embed.proj.weight": (d, chans, patch, patch), "patch_embed.proj.bias": (d,)}
+    shapes |= {"norm.weight": (d,), "norm.bias": (d,), "head.weight": (classes, d), "head.bias": (classes,)}
+    if variables:
+        shapes |= {"var_embed": (1, variables, d), "var_query": (1, 1, d), "var_agg.q.weight": (d, d)}
+        shapes |= {"var_agg.kv.weight": (2 * d, d), "var_agg.proj.weight": (d, d), "var_agg.proj.bias": (d,)}
+    for i in range(depth):
+        shapes |= block_shapes(f"blocks.{i}", d)
+    state = random_state(shapes, generator)
+    aliases = [f"token_embeds.{v}.proj" for v in range(variables)] if variables else ["token_embeds.proj"]
+    for alias in aliases:
+        state[f"{alias}.weight"], state[f"{alias}.bias"] = (
+            state["patch_embed.proj.weight"],
+            state["patch_embed.proj.bias"],
+        )
+    return {f"module.{k}": v for k, v in state.items()}
+
+
+def ucf_vit_forward(state: dict, x: torch.Tensor, *, heads: int, patch: int) -> torch.Tensor:
+    """UCF-VIT's ``VIT.forward`` (eval) from its definition: per-variable tokens plus the variable's
+    embedding merged by ``VariableMapping_Attention`` (if any), the class token prepended, then the
+    position table added, blocks, ``norm``, the class token's features, ``head``."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if "var_embed" in state:
+        per_var = [_patch_embed(state, x[:, v : v + 1], patch) + state["var_embed"][:, v] for v in range(x.shape[1])]
+        tokens = torch.stack(per_var, dim=1)  # B, V, L, D
+        b, v, n, d = tokens.shape
+        context = tokens.permute(0, 2, 1, 3).reshape(b * n, v, d)
+        q = F.linear(state["var_query"].expand(b * n, -1, -1), state["var_agg.q.weight"])
+        k, w = F.linear(context, state["var_agg.kv.weight"]).reshape(b * n, v, 2, heads, d // heads).unbind(2)
+        q = q.reshape(b * n, 1, heads, d // heads).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k.transpose(1, 2), w.transpose(1, 2)).transpose(1, 2).reshape(b * n, d)
+        x = _lin(state, out, "var_agg.proj").reshape(b, n, d)
+    else:
+        x = _patch_embed(state, x, patch)
+    x = torch.cat([state["cls_token"].expand(x.shape[0], -1, -1), x], dim=1) + state["pos_embed"]
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    for i in range(depth):
+        x = block_forward(state, x, f"blocks.{i}", heads)
+    return _lin(state, _ln(state, x, "norm")[:, 0], "head")
+
+
+def split_tensor_parallel(state: dict, tp: int) -> list[dict]:
+    """UCF-VIT fsdp mode's per-rank files: column-parallel layers by output rows ([q; k; v] and [k; v]
+    per part), row-parallel ones by input columns with the bias shared out (the ranks' biases add up)."""
+    ranks = [{} for _ in range(tp)]
+    for key, value in state.items():
+        if key.endswith(("attn.qkv.weight", "attn.qkv.bias", "var_agg.kv.weight")):
+            n = 2 if key.endswith("var_agg.kv.weight") else 3
+            pieces = [part.chunk(tp) for part in value.chunk(n)]
+            shards = [torch.cat([p[r] for p in pieces]) for r in range(tp)]
+        elif key.endswith(("mlp.fc1.weight", "mlp.fc1.bias", "var_agg.q.weight")):
+            shards = list(value.chunk(tp))
+        elif key.endswith(("attn.proj.weight", "mlp.fc2.weight", "var_agg.proj.weight")):
+            shards = list(value.chunk(tp, dim=1))
+        elif key.endswith(("attn.proj.bias", "mlp.fc2.bias", "var_agg.proj.bias")):
+            shards = [value / tp] * tp
+        else:
+            shards = [value] * tp
+        for r in range(tp):
+            ranks[r][key] = shards[r].clone()
+    return ranks

@@ -1,4 +1,4 @@
-"""Weights in and out (ucfvit.interop): timm ViTs and MAE reference checkpoints against reference
+"""Weights in and out (ucfvit.interop): timm ViTs, MAE reference and UCF-VIT checkpoints against reference
 forwards written from their definitions (tests/reference_models.py), and files read without
 unpickling code."""
 
@@ -18,7 +18,10 @@ from reference_models import (
     mae_reference_patchify,
     mae_reference_state,
     random_state,
+    split_tensor_parallel,
     timm_vit_forward,
+    ucf_vit_forward,
+    ucf_vit_state,
 )
 from ucfvit.interop import (
     ENCODER_PREFIXES,
@@ -26,10 +29,13 @@ from ucfvit.interop import (
     encoder_only,
     from_mae_reference,
     from_timm,
+    from_ucf_vit,
     load_pretrained,
+    read_pretrained,
     read_weights,
     to_mae_reference,
     to_timm,
+    to_ucfvit_names,
 )
 from ucfvit.models import build_model, grid_patches
 
@@ -256,3 +262,79 @@ def test_weights_files_round_trip_and_bad_files_are_named(tmp_path):
     ):
         with pytest.raises(WeightsError, match=match):
             read_weights(tmp_path / name)
+
+
+# ---------------------------------------------------------------- UCF-VIT
+UCF = dict(d=32, depth=2, patch=4, grid=4, classes=5)
+
+
+def ucf_vit_model(variables: int = 0) -> torch.nn.Module:
+    names = dict(use_varemb=True, variables=[f"v{i}" for i in range(variables)]) if variables else {}
+    return build_model(
+        "vit", "debug", img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=5,
+        class_token=True, pos_embed="learned", global_pool="token", fc_norm=False, **names,
+    ).double().eval()  # fmt: skip
+
+
+def ucf_checkpoint(state: dict) -> dict:
+    """What UCF-VIT's torch.save writes around the model state."""
+    optimizer, scheduler = {"state": {}, "param_groups": []}, {"last_epoch": 3, "base_lrs": [1e-3]}
+    return {"epoch": 3, "model_state_dict": state, "optimizer_state_dict": optimizer,
+            "scheduler_state_dict": scheduler, "loss_list": [torch.tensor(0.5)]}  # fmt: skip
+
+
+@pytest.mark.parametrize("variables", [0, 2])
+def test_ucf_vit_checkpoints_give_equal_logits(variables, tmp_path):
+    state = double(ucf_vit_state(torch.Generator().manual_seed(0), **UCF, variables=variables))
+    x = torch.randn(2, variables or 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    expect = ucf_vit_forward(state, x, heads=4, patch=4)
+    model = ucf_vit_model(variables)
+    model.load_state_dict(from_ucf_vit(ucf_checkpoint(state)))  # strict
+    torch.testing.assert_close(model(x), expect, rtol=0, atol=1e-10)
+
+    # fsdp mode with tensor parallelism: one file per tp rank, merged back exactly
+    plain = {k.removeprefix("module."): v for k, v in state.items()}
+    for r, part in enumerate(split_tensor_parallel(plain, 2)):
+        torch.save(ucf_checkpoint(part), tmp_path / f"run_even_rank_{r}.ckpt")
+    merged, what = read_pretrained(tmp_path / "run_even_rank_0.ckpt")
+    assert what == "UCF-VIT checkpoint (2 tensor-parallel rank files)"
+    single = from_ucf_vit(ucf_checkpoint(state))
+    assert merged.keys() == single.keys() and all(torch.equal(merged[k], single[k]) for k in single)
+
+
+def test_ucf_vit_mae_loads_and_adaptive_embeddings_are_refused():
+    d, dd, n = 32, 16, 16
+    shapes = {"pos_embed": (1, n, d), "patch_embed.proj.weight": (d, 3, 4, 4), "patch_embed.proj.bias": (d,)}
+    shapes |= {"norm.weight": (d,), "norm.bias": (d,), "mask_token": (1, 1, dd), "decoder_pos_embed": (1, n, dd)}
+    shapes |= {"decoder_embed.weight": (dd, d), "decoder_embed.bias": (dd,), "decoder_norm.weight": (dd,)}
+    shapes |= {"decoder_norm.bias": (dd,), "decoder_pred.weight": (48, dd), "decoder_pred.bias": (48,)}
+    for i in range(2):
+        shapes |= block_shapes(f"blocks.{i}", d) | block_shapes(f"decoder_blocks.{i}", dd)
+    state = random_state(shapes, torch.Generator().manual_seed(0))
+    state["token_embeds.proj.weight"] = state["patch_embed.proj.weight"]
+    model = build_model("mae", "debug", **mae_kwargs(class_token=False, pos_embed="learned"))
+    converted = from_ucf_vit(ucf_checkpoint(state))  # fsdp mode: no "module." prefix
+    model.load_state_dict(converted)  # strict: every entry converts
+    assert torch.equal(model.decoder_pos_embed, state["decoder_pos_embed"])
+    assert torch.equal(model.blocks[1].attn.v.weight, state["blocks.1.attn.qkv.weight"][2 * d :])
+    adaptive = dict(state, **{"token_embeds.0.weight": torch.ones(48)})
+    with pytest.raises(WeightsError, match="LayerNorm-Linear-LayerNorm"):
+        from_ucf_vit(ucf_checkpoint(adaptive))
+    with pytest.raises(WeightsError, match="not a UCF-VIT checkpoint: expected a 'model_state_dict'"):
+        from_ucf_vit({"model": state})
+
+
+def test_position_tables_a_model_computes_itself_are_reported_with_the_fix(mae_checkpoint):
+    _, state, _ = mae_checkpoint
+    fixed = from_mae_reference({"model": state}, pos_embed="learned")  # the sin-cos table, kept as data
+    trained = dict(fixed, pos_embed=fixed["pos_embed"] + 0.01)
+    kwargs = {k: v for k, v in mae_kwargs().items() if not k.startswith(("decoder", "mask"))}
+    model = build_model("vit", "debug", **kwargs, class_token=True, pos_embed="sincos")
+    assert (
+        load_pretrained(model, fixed).skipped["pos_embed"] == "the fixed sin-cos table, which the model computes itself"
+    )
+    assert "build it with pos_embed='learned'" in load_pretrained(model, trained).skipped["pos_embed"]
+    rope = build_model("vit", "debug", **kwargs, class_token=True, pos_embed="none", rope=True)
+    assert "no position table" in load_pretrained(rope, fixed).skipped["pos_embed"]
+    with pytest.raises(WeightsError, match=r"x\.pth: not a weights layout ucfvit knows.*found keys \['weights'\]"):
+        to_ucfvit_names({"weights": {}}, "x.pth")

@@ -7,12 +7,15 @@ the other way round (``to_*``). Model code stays plain PyTorch: nothing here tou
 """
 
 from .common import WeightsError
+from .detect import read_pretrained, to_ucfvit_names
 from .files import read_weights
 from .mae import ENCODER_PREFIXES, encoder_only, from_mae_reference, to_mae_reference
-from .pretrained import LoadReport, load_pretrained
+from .pretrained import LoadReport, fit_pretrained, load_pretrained
 from .timm import from_timm, to_timm
+from .ucf_vit import from_ucf_vit, merge_tensor_parallel
 
 __all__ = [
-    "ENCODER_PREFIXES", "LoadReport", "WeightsError", "encoder_only", "from_mae_reference", "from_timm",
-    "load_pretrained", "read_weights", "to_mae_reference", "to_timm",
+    "ENCODER_PREFIXES", "LoadReport", "WeightsError", "encoder_only", "fit_pretrained", "from_mae_reference",
+    "from_timm", "from_ucf_vit", "load_pretrained", "merge_tensor_parallel", "read_pretrained", "read_weights",
+    "to_mae_reference", "to_timm", "to_ucfvit_names",
 ]  # fmt: skip

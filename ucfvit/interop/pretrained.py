@@ -1,10 +1,10 @@
 """Initialise a model from pretrained weights in ucfvit names, reporting what was used.
 
-For fine-tuning: an MAE's encoder into a ViT, UNETR or SAP, a classifier's backbone into a new
+For fine-tuning: an MAE's encoder into a ViT, UNETR or SAP, a classifier's backbone under a new
 head, a checkpoint of another image size. Entries are matched by name; a learned position table
-of another grid is resized by the model's own ``load_state_dict``; a convolutional patch
-embedding (D, C, *p) becomes the linear one of an adaptive model (D, C * p**ndim), the same map.
-Anything else that does not fit is skipped with its reason, never loaded half-way.
+of another grid is resized (bi/trilinear) to the model's; a convolutional patch embedding
+(D, C, *p) becomes the linear one of an adaptive model (D, C * p**ndim), the same map. Anything
+else that does not fit is skipped with its reason, never loaded half-way.
 """
 
 from __future__ import annotations
@@ -14,12 +14,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["LoadReport", "load_pretrained"]
+from ..models.embed import resize_pos_embed
+from .common import WeightsError, sincos_or_learned
+
+__all__ = ["LoadReport", "fit_pretrained", "load_pretrained"]
+
+_TABLES = ("pos_embed", "decoder_pos_embed")
 
 
 @dataclass
 class LoadReport:
-    """What :func:`load_pretrained` did: ``loaded`` and ``fresh`` (the model's entries that kept
+    """What :func:`fit_pretrained` chose: ``loaded`` and ``fresh`` (the model's entries that keep
     their initialisation) are model names; ``skipped`` maps a checkpoint entry to the reason."""
 
     loaded: list[str] = field(default_factory=list)
@@ -34,38 +39,60 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _fit(value: torch.Tensor, target: torch.Tensor, key: str) -> tuple[torch.Tensor | None, str]:
-    """``value`` shaped for ``target``, or None and why not."""
-    if value.shape == target.shape:
+def _fit(model: torch.nn.Module, key: str, value: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor | None, str]:
+    """``value`` shaped for a model entry of (global) ``shape``, or None and why not."""
+    if value.shape == shape:
         return value, ""
-    table = key in ("pos_embed", "decoder_pos_embed") and value.ndim == 3 and value.shape[::2] == target.shape[::2]
-    if table:
-        return value, ""  # a position table of another grid: resized by the model's load_state_dict
-    if key.endswith("patch_embed.proj.weight") and target.ndim == 2 and value.flatten(1).shape == target.shape:
-        return value.flatten(1), ""  # conv kernel over (C, *p) == linear over the flattened patch
-    return None, f"shape {tuple(value.shape)} does not fit the model's {tuple(target.shape)}"
+    if key in _TABLES and value.ndim == 3 and len(shape) == 3 and value.shape[::2] == shape[::2]:
+        return resize_pos_embed(value, model.checkpoint_grid(value.shape[1]), model.grid), ""
+    if key.endswith("patch_embed.proj.weight") and len(shape) == 2 and value.flatten(1).shape == shape:
+        return value.flatten(1), ""  # a conv kernel over (C, *p) is the linear map of the flattened patch
+    return None, f"shape {tuple(value.shape)} does not fit the model's {tuple(shape)}"
 
 
-def load_pretrained(
+def _unused_table(key: str, value: torch.Tensor, model: torch.nn.Module) -> str:
+    """Why a position table the model has no parameter for is skipped."""
+    if getattr(model, key, None) is None:
+        return "the model has no position table (pos_embed='none', rope or adaptive positions)"
+    try:
+        sincos_or_learned({key: value}, key, "sincos", ndim=model.ndim)
+    except WeightsError:
+        return (
+            "a trained table, but the model's positions are the fixed sin-cos table: build it with "
+            "pos_embed='learned' to use it"
+        )
+    return "the fixed sin-cos table, which the model computes itself"
+
+
+def fit_pretrained(
     model: torch.nn.Module, state: Mapping[str, torch.Tensor], prefixes: tuple[str, ...] | None = None
-) -> LoadReport:
-    """Load the entries of ``state`` (ucfvit names) that fit ``model``; only names starting with one
-    of ``prefixes`` when given (e.g. :data:`~ucfvit.interop.mae.ENCODER_PREFIXES`)."""
-    own = model.state_dict()
+) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """The entries of ``state`` (ucfvit names) that fit ``model``, shaped for it, and the report;
+    only names starting with one of ``prefixes`` when given (e.g. ``ENCODER_PREFIXES``). Works on a
+    parallelized model too (shapes are global); load the result as a full state dict."""
+    own = {k: v.shape for k, v in model.state_dict().items()}
     report, accepted = LoadReport(), {}
     for key, value in state.items():
         if prefixes is not None and not key.startswith(prefixes):
             report.skipped[key] = "not among the parts to initialise"
         elif key not in own:
-            report.skipped[key] = "the model has no such entry (or computes it, e.g. a fixed sin-cos table)"
+            why = _unused_table(key, value, model) if key in _TABLES else "the model has no such entry"
+            report.skipped[key] = why
         else:
-            fitted, why = _fit(value, own[key], key)
+            fitted, why = _fit(model, key, value, own[key])
             if fitted is None:
                 report.skipped[key] = why
             else:
                 accepted[key] = fitted
-    result = model.load_state_dict(accepted, strict=False)
-    assert not result.unexpected_keys, result.unexpected_keys  # accepted holds model names only
     report.loaded = sorted(accepted)
-    report.fresh = sorted(result.missing_keys)
+    report.fresh = sorted(set(own) - set(accepted))
+    return accepted, report
+
+
+def load_pretrained(
+    model: torch.nn.Module, state: Mapping[str, torch.Tensor], prefixes: tuple[str, ...] | None = None
+) -> LoadReport:
+    """:func:`fit_pretrained`, loaded into a plain (not parallelized) ``model``."""
+    accepted, report = fit_pretrained(model, state, prefixes)
+    model.load_state_dict(accepted, strict=False)
     return report

@@ -439,7 +439,7 @@ class VisionTransformer(nn.Module):
                 names.add(name)
         return names
 
-    def _checkpoint_grid(self, rows: int) -> tuple[int, ...]:
+    def checkpoint_grid(self, rows: int) -> tuple[int, ...]:
         """The patch grid of a saved position table with ``rows`` rows: this model's aspect ratio
         scaled, else a square/cubic grid."""
         nd = self.ndim
@@ -460,7 +460,7 @@ class VisionTransformer(nn.Module):
             saved = state_dict.get(key)
             plain = isinstance(saved, torch.Tensor) and not hasattr(saved, "device_mesh")  # not a DTensor
             if isinstance(table, nn.Parameter) and plain and saved.ndim == 3 and saved.shape[1] != table.shape[1]:
-                state_dict[key] = resize_pos_embed(saved, self._checkpoint_grid(saved.shape[1]), self.grid)
+                state_dict[key] = resize_pos_embed(saved, self.checkpoint_grid(saved.shape[1]), self.grid)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

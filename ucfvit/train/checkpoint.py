@@ -608,3 +608,23 @@ class Checkpointer:
         set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=optim)
         self.last_saved = self.resumed_from = ckpt
         return state
+
+
+def read_model_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The full (unsharded) model tensors of checkpoint ``ckpt``, on the CPU, in module names;
+    read in this process alone after :func:`verify_checkpoint` (no collective: for ``--init.from``,
+    which every rank reads before the mesh exists)."""
+    ckpt = Path(ckpt)
+    verify_checkpoint(ckpt)
+    reader = _SafeReader(ckpt, verify_structure(ckpt))
+    metadata = reader.read_metadata()
+    model = {
+        fqn[len("model.") :]: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        for fqn, meta in metadata.state_dict_metadata.items()
+        if fqn.startswith("model.") and isinstance(meta, dcp_metadata.TensorStorageMetadata)
+    }
+    if not model:
+        raise CheckpointError(f"{ckpt} holds no model tensors")
+    tensors = {"model": model}
+    dcp.load(tensors, storage_reader=reader, no_dist=True)
+    return tensors["model"]

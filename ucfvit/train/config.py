@@ -14,7 +14,9 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+import tyro
 
 from ucfvit.data.config import DataConfig, DatasetConfig
 from ucfvit.models import FAMILIES, SIZES
@@ -69,6 +71,19 @@ class ScheduleConfig:
     """Learning rate at step 0."""
     min_lr: float = 0.0
     """Learning rate at the last step."""
+
+
+@dataclass
+class InitConfig:
+    """Start from pretrained weights (fine-tuning); ignored when the run resumes from its own checkpoint."""
+
+    from_: Annotated[str | None, tyro.conf.arg(name="from")] = None
+    """PATH of the weights: a ucfvit run directory or ``step-N`` checkpoint (any mesh), a ``.safetensors``
+    export, a timm ViT state dict or an MAE reference checkpoint (``.pth``); told apart by their keys, and
+    read without unpickling code."""
+    parts: Literal["encoder", "all"] = "encoder"
+    """``encoder``: patch embedding, class token, positions, blocks and final norm (an MAE into a ViT, UNETR
+    or SAP); ``all``: every entry whose name and shape fit (e.g. the same family at another image size)."""
 
 
 @dataclass
@@ -141,6 +156,7 @@ class Config:
     arch: ArchConfig = field(default_factory=ArchConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -43,6 +43,7 @@ from .checkpoint import Checkpointer, CheckpointError, decode_rng, encode_rng, r
 from .config import ARCH_OPTIONS, Config, ConfigError
 from .data_setup import channel_batches, check_data, input_spec, prepare_data
 from .export import export_safetensors, exported_config, load_exported  # noqa: F401 (load_exported: its former home)
+from .init_from import Pretrained, load_into, prepare_pretrained
 from .metrics import Throughput, append_jsonl, format_progress, peak_flops, train_flops_per_sample
 from .optim import build_optimizer, lr_at
 from .ranges import check_ranges, flag
@@ -86,6 +87,7 @@ class RunPlan:
     shape: MeshShape
     model: nn.Module
     run: RunDirPlan
+    pretrained: Pretrained | None = None
 
     @property
     def checkpoint(self) -> Path | None:
@@ -181,7 +183,8 @@ def _resolve(cfg: Config) -> RunPlan:
     run = inspect_run_dir(cfg.run.dir, cfg.checkpoint.resume, cfg.run.overwrite)  # reads only
     if run.checkpoint is not None:
         _check_compatible(cfg, run.checkpoint)
-    return RunPlan(spec=spec, shape=shape, model=model, run=run)
+    pretrained = prepare_pretrained(cfg.init, model) if run.checkpoint is None else None  # a resume has its own
+    return RunPlan(spec=spec, shape=shape, model=model, run=run, pretrained=pretrained)
 
 
 def _as_flags(message: str) -> str:
@@ -363,6 +366,11 @@ def _train(cfg: Config, plan: RunPlan, lock: RunLock, watchdog: Watchdog) -> Tra
     model.to_empty(device=device)
     torch.manual_seed(cfg.run.seed)
     model.init_weights()
+    if plan.pretrained is not None:
+        load_into(model, plan.pretrained)
+        if rank == 0:
+            print(plan.pretrained.describe(), flush=True)
+        plan.pretrained = None  # the full tensors are no longer needed
     model.train()
     optimizer = build_optimizer(model, cfg, device_type)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep)
