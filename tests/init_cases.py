@@ -54,6 +54,17 @@ def fine_tune(tmp: str, mesh: str) -> dict:
             "diff": max((got[k] - source[k]).abs().max().item() for k in source),
         }
 
+    # Linear probing: the encoder stays as loaded, the decoder trains (with layer-wise decay on the rest).
+    probe = ["--max-steps", "2", "--init.from", f"{tmp}/mae", "--init.freeze-encoder", "--optim.layer-decay", "0.75"]
+    fresh = train(config("unetr", [*common, *FROZEN, "--run.dir", f"{tmp}/fresh"]))  # the decoder before training
+    frozen = train(config("unetr", [*common, *probe, "--run.dir", f"{tmp}/probe"]))
+    got, before = (full_state_dict(m.model, rank0_only=False) for m in (frozen, fresh))
+    out["probe"] = {
+        "encoder_diff": max((got[k] - source[k]).abs().max().item() for k in source),
+        "decoder_moved": max((got[k] - before[k]).abs().max().item() for k in got if k.startswith("decoder.")),
+        "loss": frozen.last_loss,
+    }
+
     if dist.get_rank() == 0:  # an MAE reference checkpoint, written by one rank
         state = mae_reference_state(torch.Generator().manual_seed(0), d=64, depth=2, dd=32, ddepth=1, patch=4, grid=8)
         torch.save({"model": state, "args": argparse.Namespace(model="mae")}, f"{tmp}/ref.pth")
@@ -70,6 +81,7 @@ def fine_tune(tmp: str, mesh: str) -> dict:
     out["errors"] = {
         "evil": _error("vit", [*common, "--init.from", f"{tmp}/evil.pth", "--run.dir", f"{tmp}/e1"]),
         "empty_dir": _error("vit", [*common, "--init.from", f"{tmp}", "--run.dir", f"{tmp}/e2"]),
+        "freeze_alone": _error("vit", [*common, "--init.freeze-encoder", "--run.dir", f"{tmp}/e4"]),
         "nothing_fits": _error(
             "vit", [*common, "--arch.embed-dim", "32", "--init.from", f"{tmp}/ref.pth", "--run.dir", f"{tmp}/e3"]
         ),

@@ -11,7 +11,7 @@ import pytest
 
 from distributed import run_ranks
 from ucfvit.train.checkpoint import find_checkpoint, is_complete
-from ucfvit.train.optim import lr_at, param_groups
+from ucfvit.train.optim import layer_scales, lr_at, param_groups, set_lr
 from ucfvit.train.presets import preset
 
 
@@ -40,6 +40,29 @@ def test_weight_decay_skips_biases_norms_and_what_the_model_names():
     model.no_weight_decay = lambda: {"token"}
     decay, no_decay = param_groups(model, 0.1)
     assert [p.shape for p in decay["params"]] == [(4, 4)] and len(no_decay["params"]) == 4
+
+
+def test_layer_decay_scales_each_block_and_set_lr_applies_it():
+    import torch
+
+    from ucfvit.models import build_model
+
+    model = build_model("vit", "debug", img_size=16)  # depth 2
+    scales = layer_scales(model, 0.5)
+    assert scales["cls_token"] == scales["patch_embed.proj.weight"] == scales["pos_embed"] == 0.125
+    assert scales["blocks.0.attn.q.weight"] == 0.25 and scales["blocks.1.mlp.fc2.bias"] == 0.5
+    assert scales["norm.weight"] == scales["head.weight"] == 1.0
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05, 0.5))
+    set_lr(optimizer, 1e-3)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(lr_of) == len(named)
+    for name, param in named.items():
+        assert lr_of[id(param)] == 1e-3 * scales[name], name
+    decays = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert decays[id(named["blocks.0.attn.q.weight"])] == 0.05 and decays[id(named["blocks.0.attn.q.bias"])] == 0
+    named["blocks.0.attn.q.weight"].requires_grad_(False)
+    assert sum(len(g["params"]) for g in param_groups(model, 0.05, 0.5)) == len(named) - 1  # frozen: left out
 
 
 def test_every_preset_runs_three_steps_in_2d_and_3d(tmp_path):

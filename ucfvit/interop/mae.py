@@ -33,8 +33,8 @@ from .common import (
 
 __all__ = ["ENCODER_PREFIXES", "encoder_only", "from_mae_reference", "to_mae_reference"]
 
-# Names of the encoder in ucfvit (every family) and in the MAE reference.
-ENCODER_PREFIXES = ("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")
+# Names of the encoder in ucfvit (every family; the MAE reference has the first five).
+ENCODER_PREFIXES = ("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.", "var_embed", "var_agg.")
 
 
 def _model_state(checkpoint: Mapping) -> Mapping[str, torch.Tensor]:
@@ -71,8 +71,8 @@ def from_mae_reference(checkpoint: Mapping, pos_embed: str = "sincos") -> dict[s
 
 
 def encoder_only(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The encoder's entries of a ucfvit state dict (patch embedding, class token, positions, blocks,
-    final norm): what a ViT, UNETR or SAP takes from a pretrained MAE."""
+    """The encoder's entries of a ucfvit state dict (patch and variable embeddings, class token,
+    positions, blocks, final norm): what a ViT, UNETR or SAP takes from a pretrained MAE."""
     return {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
 
 

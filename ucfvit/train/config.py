@@ -56,6 +56,10 @@ class OptimConfig:
     """Adam epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0: no clipping)."""
+    layer_decay: float = 1.0
+    """Layer-wise learning-rate decay (BEiT, MAE fine-tuning): encoder block i of depth L trains at
+    lr * layer_decay**(L - i), the embeddings at lr * layer_decay**(L + 1), everything after the blocks
+    (final norm, head, decoders) at lr. 1: off."""
     skip_nonfinite: int = 0
     """Skip a step whose loss or gradient norm is not finite, at most N times in the run, then stop
     (0: stop at the first; costs one host sync per step when N > 0)."""
@@ -84,6 +88,8 @@ class InitConfig:
     parts: Literal["encoder", "all"] = "encoder"
     """``encoder``: patch embedding, class token, positions, blocks and final norm (an MAE into a ViT, UNETR
     or SAP); ``all``: every entry whose name and shape fit (e.g. the same family at another image size)."""
+    freeze_encoder: bool = False
+    """Train only what follows the encoder (linear probing: the head; UNETR: its decoder); needs ``--init.from``."""
 
 
 @dataclass

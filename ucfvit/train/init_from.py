@@ -19,7 +19,7 @@ from ucfvit.interop import ENCODER_PREFIXES, LoadReport, WeightsError, fit_pretr
 from .checkpoint import CheckpointError, find_checkpoint, read_model_tensors
 from .config import ConfigError, InitConfig
 
-__all__ = ["Pretrained", "load_into", "prepare_pretrained"]
+__all__ = ["Pretrained", "freeze_encoder", "load_into", "prepare_pretrained"]
 
 
 class Pretrained:
@@ -63,6 +63,20 @@ def prepare_pretrained(cfg: InitConfig, model: nn.Module) -> Pretrained | None:
             + report.summary()
         )
     return Pretrained(fitted, report, source)
+
+
+def freeze_encoder(cfg: InitConfig, model: nn.Module) -> None:
+    """With ``--init.freeze-encoder``: the encoder's parameters stop requiring gradients (before
+    parallelize, which keeps the flag), so AdamW and the gradient reduction leave them alone."""
+    if not cfg.freeze_encoder:
+        return
+    if cfg.from_ is None:
+        raise ConfigError("--init.freeze-encoder keeps pretrained weights fixed: give them with --init.from PATH")
+    for name, param in model.named_parameters():
+        if name.startswith(ENCODER_PREFIXES):
+            param.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("--init.freeze-encoder leaves this model nothing to train (it is all encoder)")
 
 
 def load_into(model: nn.Module, pretrained: Pretrained) -> None:

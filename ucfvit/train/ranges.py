@@ -94,6 +94,7 @@ RANGES: dict[str, Range] = {
     "optim.eps": POSITIVE,
     "optim.grad_clip": AT_LEAST_0,  # 0: no clipping
     "optim.skip_nonfinite": AT_LEAST_0,  # 0: stop at the first non-finite step
+    "optim.layer_decay": Range(0, 1, low_open=True),  # 1: off
     "schedule.warmup_steps": AT_LEAST_0,
     "schedule.warmup_start_lr": AT_LEAST_0,
     "schedule.min_lr": AT_LEAST_0,  # and at most the peak lr, checked below

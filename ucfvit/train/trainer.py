@@ -43,9 +43,9 @@ from .checkpoint import Checkpointer, CheckpointError, decode_rng, encode_rng, r
 from .config import ARCH_OPTIONS, Config, ConfigError
 from .data_setup import channel_batches, check_data, input_spec, prepare_data
 from .export import export_safetensors, exported_config, load_exported  # noqa: F401 (load_exported: its former home)
-from .init_from import Pretrained, load_into, prepare_pretrained
+from .init_from import Pretrained, freeze_encoder, load_into, prepare_pretrained
 from .metrics import Throughput, append_jsonl, format_progress, peak_flops, train_flops_per_sample
-from .optim import build_optimizer, lr_at
+from .optim import build_optimizer, lr_at, set_lr
 from .ranges import check_ranges, flag
 from .run_dir import RunDirPlan, RunLock, inspect_run_dir, prepare_run_dir
 from .watchdog import Watchdog
@@ -184,6 +184,7 @@ def _resolve(cfg: Config) -> RunPlan:
     if run.checkpoint is not None:
         _check_compatible(cfg, run.checkpoint)
     pretrained = prepare_pretrained(cfg.init, model) if run.checkpoint is None else None  # a resume has its own
+    freeze_encoder(cfg.init, model)
     return RunPlan(spec=spec, shape=shape, model=model, run=run, pretrained=pretrained)
 
 
@@ -430,8 +431,7 @@ def _train(cfg: Config, plan: RunPlan, lock: RunLock, watchdog: Watchdog) -> Tra
         for step in range(start_step, cfg.max_steps):
             watchdog.progress(step + 1, "training step")  # numbered as in the logs: step N ends with N done
             lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             loss_sum = torch.zeros((), device=device)
             for m in range(accum):
                 batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
