@@ -23,6 +23,7 @@ FORBIDDEN = {
     "ucfvit.models": ("torch.distributed", "ucfvit.parallel", "ucfvit.train", "ucfvit.data"),
     "ucfvit.parallel": ("ucfvit.train", "ucfvit.data"),
     "ucfvit.data": ("ucfvit.train", "ucfvit.parallel"),
+    "ucfvit.eval": ("torch.distributed", "ucfvit.parallel", "ucfvit.train"),
     "ucfvit.interop": ("torch.distributed", "ucfvit.parallel", "ucfvit.train", "ucfvit.data"),
     "ucfvit.train": (),  # the top layer: may use all others
 }
@@ -30,6 +31,7 @@ WHY = {
     "ucfvit.models": "model code is plain PyTorch: DESIGN.md, principle 1",
     "ucfvit.parallel": "parallel/ works for any model and knows nothing of training or data",
     "ucfvit.data": "data/ knows nothing of training or of parallel/",
+    "ucfvit.eval": "metrics and inference are plain PyTorch; their reduction over ranks lives in train/",
     "ucfvit.interop": "weight conversion knows the models' names only: plain PyTorch like models/",
 }
 
