@@ -3,7 +3,6 @@ and fixed sin-cos tables that ucfvit recomputes instead of storing."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
@@ -14,6 +13,7 @@ __all__ = [
     "WeightsError",
     "fold_class_row",
     "fuse_qkv",
+    "is_sincos_table",
     "sincos_or_learned",
     "split_qkv",
     "unsupported_features",
@@ -78,32 +78,29 @@ def fold_class_row(state: dict[str, torch.Tensor], table: str = "pos_embed", tok
         state[token] = state[token] + rows[:, :1]
 
 
-def _square_grid(rows: int, ndim: int, name: str) -> tuple[int, ...]:
-    side = round(rows ** (1 / ndim))
-    if side**ndim != rows:
-        raise WeightsError(f"{name} has {rows} patch rows, not a square (cubic) grid; pass its grid explicitly")
-    return (side,) * ndim
+def is_sincos_table(table: torch.Tensor, ndim: int = 2) -> bool:
+    """Whether patch-row table (1, N, D) is the fixed sin-cos table ucfvit computes (MAE's
+    ``get_2d_sincos_pos_embed`` layout in 2D) for a square (cubic) grid of N patches."""
+    side = round(table.shape[1] ** (1 / ndim))
+    if side**ndim != table.shape[1]:
+        return False
+    expect = sincos_embed(grid_coords((side,) * ndim).double(), table.shape[-1])
+    return torch.allclose(table[0].double(), expect.double(), atol=1e-5, rtol=0)
 
 
-def sincos_or_learned(
-    state: dict[str, torch.Tensor], name: str, pos_embed: str, grid: tuple[int, ...] | None = None, ndim: int = 2
-) -> None:
+def sincos_or_learned(state: dict[str, torch.Tensor], name: str, pos_embed: str) -> None:
     """In place: keep patch-row table ``name`` (1, N, D) for a model built with ``pos_embed='learned'``,
-    or drop it for ``pos_embed='sincos'`` after checking that it is the fixed sin-cos table
-    ucfvit recomputes (MAE's ``get_2d_sincos_pos_embed`` layout) of ``grid`` (default: square)."""
+    or drop it for ``pos_embed='sincos'`` after checking :func:`is_sincos_table`."""
     if pos_embed in ("learned", "learned_sincos"):
         return
     if pos_embed != "sincos":
         raise WeightsError(f"pos_embed={pos_embed!r}: choose 'sincos' (drop a fixed table) or 'learned' (keep it)")
     table = state.pop(name)
-    grid = grid or _square_grid(table.shape[1], ndim, name)
-    if math.prod(grid) != table.shape[1]:
-        raise WeightsError(f"{name} has {table.shape[1]} patch rows, grid {grid} has {math.prod(grid)}")
-    expect = sincos_embed(grid_coords(grid).double(), table.shape[-1])
-    if not torch.allclose(table[0].double(), expect.double(), atol=1e-5, rtol=0):
+    if not is_sincos_table(table):
         raise WeightsError(
-            f"{name} is not the fixed sin-cos table of grid {grid} (it was trained or laid out differently); "
-            "build the model with pos_embed='learned' and convert with pos_embed='learned' to keep it"
+            f"{name} is not the fixed sin-cos table of a square grid of {table.shape[1]} patches (it was trained "
+            "or laid out differently); build the model with pos_embed='learned' and convert with "
+            "pos_embed='learned' to keep it"
         )
 
 

@@ -79,20 +79,20 @@ def encoder_only(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def to_mae_reference(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """``{"model": state_dict}`` that the MAE reference's ``MaskedAutoencoderViT`` of the same sizes
     loads, with the same reconstructions. Refused for what it cannot express."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     unsupported = unsupported_features(model)
     unsupported += [
         name
         for name, on in (
             ("linear_decoder", getattr(model, "linear_decoder", True)),
             ("class_token=False", getattr(model, "cls_token", None) is None),
-            ("qk_norm", any(k.endswith("q_norm.weight") for k in model.state_dict())),
-            ("LayerScale (init_values)", any(k.endswith("ls1.gamma") for k in model.state_dict())),
+            ("qk_norm", any(k.endswith("q_norm.weight") for k in state)),
+            ("LayerScale (init_values)", any(k.endswith("ls1.gamma") for k in state)),
         )
         if on
     ]
     if unsupported:
         raise WeightsError(f"the MAE reference has no equivalent of this model's {', '.join(unsupported)}")
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     state["pos_embed"] = with_class_row(model.pos_embed, 1)
     state["decoder_pos_embed"] = with_class_row(model.decoder_pos_embed, 1)
     return {"model": fuse_qkv(state)}

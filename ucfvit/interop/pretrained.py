@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models.embed import resize_pos_embed
-from .common import WeightsError, sincos_or_learned
+from .common import is_sincos_table
 
 __all__ = ["LoadReport", "fit_pretrained", "load_pretrained"]
 
@@ -54,14 +54,12 @@ def _unused_table(key: str, value: torch.Tensor, model: torch.nn.Module) -> str:
     """Why a position table the model has no parameter for is skipped."""
     if getattr(model, key, None) is None:
         return "the model has no position table (pos_embed='none', rope or adaptive positions)"
-    try:
-        sincos_or_learned({key: value}, key, "sincos", ndim=model.ndim)
-    except WeightsError:
-        return (
-            "a trained table, but the model's positions are the fixed sin-cos table: build it with "
-            "pos_embed='learned' to use it"
-        )
-    return "the fixed sin-cos table, which the model computes itself"
+    if is_sincos_table(value, model.ndim):
+        return "the fixed sin-cos table, which the model computes itself"
+    return (
+        "a trained table, but the model's positions are the fixed sin-cos table: build it with "
+        "pos_embed='learned' to use it"
+    )
 
 
 def fit_pretrained(

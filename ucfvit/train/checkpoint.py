@@ -43,6 +43,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path, PosixPath
 from typing import Any
@@ -260,14 +261,17 @@ def _hash_mismatch(ckpt: Path, name: str) -> CheckpointError:
     )
 
 
-def verify_checkpoint(ckpt: Path) -> None:
+def verify_checkpoint(ckpt: Path) -> _SafeReader:
     """Everything :meth:`Checkpointer.load` checks before reading a tensor, in one process: the
-    structure, the sha256 of every file, and the DCP metadata. Raises :class:`CheckpointError`."""
+    structure, the sha256 of every file, and the DCP metadata. Raises :class:`CheckpointError`;
+    returns the verified reader (its metadata read)."""
     files = verify_structure(ckpt)
     for name in sorted(files):
         if _sha256(Path(ckpt) / name) != files[name]["sha256"]:
             raise _hash_mismatch(Path(ckpt), name)
-    _SafeReader(ckpt, files).read_metadata()
+    reader = _SafeReader(ckpt, files)
+    reader.read_metadata()
+    return reader
 
 
 def _all_reduce_min(values: list[int]) -> list[int]:
@@ -614,9 +618,7 @@ def read_model_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     """The full (unsharded) model tensors of checkpoint ``ckpt``, on the CPU, in module names;
     read in this process alone after :func:`verify_checkpoint` (no collective: for ``--init.from``,
     which every rank reads before the mesh exists)."""
-    ckpt = Path(ckpt)
-    verify_checkpoint(ckpt)
-    reader = _SafeReader(ckpt, verify_structure(ckpt))
+    reader = verify_checkpoint(Path(ckpt))
     metadata = reader.read_metadata()
     model = {
         fqn[len("model.") :]: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
@@ -626,5 +628,7 @@ def read_model_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     if not model:
         raise CheckpointError(f"{ckpt} holds no model tensors")
     tensors = {"model": model}
-    dcp.load(tensors, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the point here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(tensors, storage_reader=reader, no_dist=True)
     return tensors["model"]
