@@ -6,7 +6,7 @@ import torch
 
 from ucfvit.data import SyntheticImages
 from ucfvit.models import SampleRNG, build_model
-from ucfvit.models.losses import dice_loss
+from ucfvit.models.losses import dice_losses, segmentation_loss, segmentation_losses
 from ucfvit.models.rng import randn
 from ucfvit.train.metrics import train_flops_per_sample
 
@@ -42,8 +42,20 @@ def test_sample_rng_normals_are_standard_and_split_invariant():
 def test_dice_loss_is_zero_for_a_perfect_prediction_and_positive_otherwise():
     target = torch.randint(0, 3, (2, 8, 8))
     perfect = torch.nn.functional.one_hot(target, 3).movedim(-1, 1).float() * 100
-    assert dice_loss(perfect, target) < 1e-3
-    assert dice_loss(torch.zeros(2, 3, 8, 8), target) > 0.3
+    assert (dice_losses(perfect, target) < 1e-3).all()
+    assert (dice_losses(torch.zeros(2, 3, 8, 8), target) > 0.3).all()
+
+
+def test_segmentation_loss_is_the_mean_of_its_per_sample_terms():
+    # The training loss (a batch mean) and evaluation's per-sample terms are one definition:
+    # pixel cross-entropy over the whole batch plus the mean soft Dice.
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(3, 4, 6, 5, generator=g), torch.randint(0, 4, (3, 6, 5), generator=g)
+    per_sample = segmentation_losses(logits, target)
+    assert per_sample.shape == (3,)
+    torch.testing.assert_close(segmentation_loss(logits, target), per_sample.mean())
+    expected = torch.nn.functional.cross_entropy(logits, target) + dice_losses(logits, target).mean()
+    torch.testing.assert_close(segmentation_loss(logits, target), expected)
 
 
 def test_flop_count_of_vit_base_matches_the_published_figure():

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["confusion_matrix", "dice_iou", "psnr", "ssim", "topk_correct"]
+__all__ = ["confusion_matrices", "confusion_matrix", "dice_iou", "psnr", "ssim", "topk_correct"]
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, torch.Tensor]:
@@ -30,6 +30,16 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int)
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have one shape")
     index = target.reshape(-1).long() * num_classes + pred.reshape(-1).long()
     return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def confusion_matrices(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per sample (B, num_classes, num_classes): :func:`confusion_matrix` of each of the B label maps."""
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have one shape")
+    b, k = pred.shape[0], num_classes
+    sample = torch.arange(b, device=pred.device).view(-1, *([1] * (pred.ndim - 1)))
+    index = (sample * k * k + target.long() * k + pred.long()).reshape(-1)
+    return torch.bincount(index, minlength=b * k * k).reshape(b, k, k)
 
 
 def dice_iou(confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,11 +76,11 @@ def _filter(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(
-    pred: torch.Tensor, target: torch.Tensor, data_range: float, window: int = 11, sigma: float = 1.5
+    pred: torch.Tensor, target: torch.Tensor, data_range: float | torch.Tensor, window: int = 11, sigma: float = 1.5
 ) -> torch.Tensor:
     """Per-sample structural similarity (Wang et al. 2004) of (B, C, *S) images, 2D or 3D: a Gaussian
     window (``window`` wide, ``sigma``), K1 = 0.01, K2 = 0.03, valid positions only, the mean over
-    positions and channels. Computed in float64."""
+    positions and channels; ``data_range`` a number or one per sample. Computed in float64."""
     if pred.shape != target.shape or pred.ndim not in (4, 5):
         raise ValueError(f"ssim takes two (B, C, H, W) or (B, C, D, H, W) tensors of one shape, got {pred.shape}")
     if min(pred.shape[2:]) < window:
@@ -80,6 +90,8 @@ def ssim(
     w = _gaussian(window, sigma)
     mx, my = _filter(x, w), _filter(y, w)
     vx, vy, cxy = _filter(x * x, w) - mx**2, _filter(y * y, w) - my**2, _filter(x * y, w) - mx * my
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    spread = torch.as_tensor(data_range, dtype=torch.float64, device=x.device).reshape(-1).expand(b)
+    spread = spread.repeat_interleave(c).view(b * c, *([1] * (x.ndim - 1)))
+    c1, c2 = (0.01 * spread) ** 2, (0.03 * spread) ** 2
     s = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
     return s.reshape(b, -1).mean(1)

@@ -8,12 +8,21 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .adaptive import decoder_positions, is_sequence, masked_mean, model_input, sequence_from_tokens, token_layout
+from .adaptive import (
+    PatchSequence,
+    decoder_positions,
+    is_sequence,
+    masked_mean,
+    model_input,
+    sequence_from_tokens,
+    token_layout,
+)
 from .embed import timestep_embed
 from .encoder import EncoderDecoder
 from .patches import unpatchify
 from .registry import FamilySpec, register_family
 from .rng import RandomSource, rand, randn
+from .tasks import Denoising
 
 __all__ = ["DiffusionViT", "DDPMScheduler", "BETA_SCHEDULES"]
 
@@ -66,6 +75,22 @@ class DiffusionViT(EncoderDecoder):
         # contiguous(): return a fresh tensor rather than a permuted view of the decoder output.
         return unpatchify(pred, self.patch_size, self.img_size).contiguous()
 
+    def noise_losses(
+        self, x: torch.Tensor | PatchSequence, ddpm: DDPMScheduler, variables: Sequence[str] | None = None, *,
+        rng: RandomSource = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Per-sample training loss (B,): the MSE of the predicted noise at a random timestep per
+        sample (both drawn from ``rng``), a mean over the sample's pixels (valid tokens of a sequence)."""
+        clean = x.patches if is_sequence(x) else x
+        t = (rand(rng, (clean.shape[0],), clean.device) * ddpm.num_steps).long().clamp(max=ddpm.num_steps - 1)
+        noise = randn(rng, clean.shape, clean.device)
+        noised = ddpm.add_noise(clean, noise, t)
+        noised = x._replace(patches=noised) if is_sequence(x) else noised
+        error = (self(noised, t, variables=variables, rng=rng).float() - noise).pow(2)
+        if is_sequence(x):
+            return masked_mean(error.flatten(2).mean(dim=-1), x.valid)
+        return error.flatten(1).mean(dim=1)
+
 
 class DDPMScheduler:
     """Noise schedule, forward noising and ancestral sampling of DDPM.
@@ -114,8 +139,8 @@ class DDPMScheduler:
         abar = self._at(self.alphas_cumprod, t, x_t)
         return (x_t - (1 - abar).sqrt() * noise) / abar.sqrt()
 
-    def step(self, noise_pred: torch.Tensor, t: int, x_t: torch.Tensor, generator: torch.Generator | None = None):
-        """One ancestral step x_t -> x_{t-1} (no noise is added at t = 0)."""
+    def step(self, noise_pred: torch.Tensor, t: int, x_t: torch.Tensor, rng: RandomSource = None) -> torch.Tensor:
+        """One ancestral step x_t -> x_{t-1} (no noise is added at t = 0); the noise comes from ``rng``."""
         tt = torch.full((x_t.shape[0],), t, dtype=torch.long)
         beta, alpha, abar = (self._at(v, tt, x_t) for v in (self.betas, self.alphas, self.alphas_cumprod))
         mean = (x_t - beta / (1 - abar).sqrt() * noise_pred) / alpha.sqrt()
@@ -123,8 +148,7 @@ class DDPMScheduler:
             return mean
         abar_prev = self._at(self.alphas_cumprod, tt - 1, x_t)
         var = beta * (1 - abar_prev) / (1 - abar)
-        z = torch.randn(x_t.shape, generator=generator, device=x_t.device if generator is None else generator.device)
-        return mean + var.sqrt() * z.to(x_t.device, x_t.dtype)
+        return mean + var.sqrt() * randn(rng, x_t.shape, x_t.device).to(x_t.dtype)
 
     @torch.no_grad()
     def sample(
@@ -133,14 +157,45 @@ class DDPMScheduler:
         shape: Sequence[int],
         *,
         device: torch.device | str = "cpu",
-        generator: torch.Generator | None = None,
+        rng: RandomSource = None,
     ) -> torch.Tensor:
-        """Ancestral sampling: pure noise of ``shape`` denoised by ``model(x_t, t)`` over all T steps."""
-        gen_device = device if generator is None else generator.device
-        x = torch.randn(tuple(shape), generator=generator, device=gen_device).to(device)
+        """DDPM ancestral sampling: noise of ``shape`` (from ``rng``) denoised by ``model(x_t, t)`` over all T steps."""
+        x = randn(rng, tuple(shape), device)
         for t in reversed(range(self.num_steps)):
             tt = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
-            x = self.step(model(x, tt), t, x, generator)
+            x = self.step(model(x, tt), t, x, rng)
+        return x
+
+    def ddim_timesteps(self, steps: int) -> list[int]:
+        """The ``steps`` timesteps DDIM visits, from T - 1 down to 0 (one step: T - 1 only), evenly spread."""
+        if not 1 <= steps <= self.num_steps:
+            raise ValueError(f"steps={steps} must lie in [1, {self.num_steps}] (the scheduler's T)")
+        last = self.num_steps - 1
+        return [round(last - i * last / (steps - 1)) if steps > 1 else last for i in range(steps)]
+
+    @torch.no_grad()
+    def ddim_sample(
+        self,
+        model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        shape: Sequence[int],
+        steps: int = 50,
+        *,
+        device: torch.device | str = "cpu",
+        rng: RandomSource = None,
+    ) -> torch.Tensor:
+        """Deterministic DDIM sampling (Song et al. 2021, eta = 0) over :meth:`ddim_timesteps`: from noise
+        of ``shape`` (drawn from ``rng``), each step predicts x_0 from ``model(x_t, t)`` and moves to the
+        next visited timestep along the same noise; the last step returns the predicted x_0."""
+        x = randn(rng, tuple(shape), device)
+        visits = self.ddim_timesteps(steps)
+        for t, prev in zip(visits, [*visits[1:], -1], strict=True):
+            tt = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
+            noise = model(x, tt).to(x.dtype)
+            x0 = self.predict_x0(x, noise, tt)
+            if prev < 0:
+                return x0
+            abar_prev = self._at(self.alphas_cumprod, torch.full_like(tt, prev), x)
+            x = abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * noise
         return x
 
 
@@ -155,23 +210,12 @@ def _timestep_input(model: DiffusionViT, batch) -> tuple:
 
 
 def _noise_prediction_loss(model: DiffusionViT, batch, rng: RandomSource, ddpm: DDPMScheduler) -> torch.Tensor:
-    """MSE of the predicted noise at a random timestep per sample (both drawn from ``rng``): a mean
-    per sample (over its valid tokens for patch sequences), then over samples."""
-    x = model_input(model, batch)
-    clean = x.patches if is_sequence(x) else x
-    t = (rand(rng, (clean.shape[0],), clean.device) * ddpm.num_steps).long().clamp(max=ddpm.num_steps - 1)
-    noise = randn(rng, clean.shape, clean.device)
-    noised = ddpm.add_noise(clean, noise, t)
-    noised = x._replace(patches=noised) if is_sequence(x) else noised
-    error = (model(noised, t, variables=batch.get("variables"), rng=rng).float() - noise).pow(2)
-    if is_sequence(x):
-        return masked_mean(error.flatten(2).mean(dim=-1), x.valid).mean()
-    return error.flatten(1).mean(dim=1).mean()
+    return model.noise_losses(model_input(model, batch), ddpm, batch.get("variables"), rng=rng).mean()
 
 
 register_family(
     FamilySpec(
         "diffusion", DiffusionViT, loss=_noise_prediction_loss, inputs=_timestep_input,
-        extra=lambda model: DDPMScheduler(model.time_steps),
+        extra=lambda model: DDPMScheduler(model.time_steps), evaluation=Denoising(),
     )
 )  # fmt: skip

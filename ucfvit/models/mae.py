@@ -12,6 +12,7 @@ from .encoder import EncoderDecoder
 from .patches import patchify, unpatchify
 from .registry import FamilySpec, register_family
 from .rng import RandomSource, rand
+from .tasks import Reconstruction
 
 __all__ = ["MAE"]
 
@@ -106,16 +107,32 @@ class MAE(EncoderDecoder):
         """(B, N, patch_size**ndim * C) -> (B, C, *img_size)."""
         return unpatchify(tokens, self.patch_size, self.img_size)
 
-    def loss(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def targets(self, x: torch.Tensor | PatchSequence) -> torch.Tensor:
+        """The patches to reconstruct (B, N, patch_size**ndim * C), in pixel values (not normalised)."""
+        return sequence_target(x) if is_sequence(x) else self.patchify(x)
+
+    def loss(self, x: torch.Tensor | PatchSequence, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """MSE on masked patches: per-sample mean over masked patches, then mean over samples.
         ``x``: the input (images, or the PatchSequence whose patches are the targets)."""
-        target = sequence_target(x) if is_sequence(x) else self.patchify(x)
+        return self.sample_losses(x, pred, mask).mean()
+
+    def sample_losses(self, x: torch.Tensor | PatchSequence, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The per-sample terms (B,) of :meth:`loss`."""
+        target = self.targets(x)
         if self.norm_pix_loss:
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1e-6).sqrt()
         per_patch = (pred - target).pow(2).mean(dim=-1)  # (B, N)
-        per_sample = (per_patch * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-        return per_sample.mean()
+        return (per_patch * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+    def pixels(self, x: torch.Tensor | PatchSequence, pred: torch.Tensor) -> torch.Tensor:
+        """Predictions (B, N, ..) in pixel values: with ``norm_pix_loss`` each patch is mapped back
+        through its target's mean and variance (as the MAE paper's visualisations do)."""
+        if not self.norm_pix_loss:
+            return pred
+        target = self.targets(x)
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        return pred * (var + 1e-6).sqrt() + mean
 
 
 def _reconstruction_loss(model: MAE, batch, rng: RandomSource, extra) -> torch.Tensor:
@@ -124,4 +141,4 @@ def _reconstruction_loss(model: MAE, batch, rng: RandomSource, extra) -> torch.T
     return model.loss(x, pred.float(), mask)
 
 
-register_family(FamilySpec("mae", MAE, loss=_reconstruction_loss))
+register_family(FamilySpec("mae", MAE, loss=_reconstruction_loss, evaluation=Reconstruction()))

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .adaptive import model_input
+from .tasks import Task
 
 __all__ = [
     "FAMILIES", "SIZES", "FamilySpec", "build_model", "get_family", "image_input", "list_models", "list_sizes",
@@ -75,6 +76,8 @@ class FamilySpec:
             heads map every patch token (used by the FLOP count).
         needs: batch entries ``loss`` reads besides ``image`` (``label``, ``seg``), so that a run on
             data without them is refused before it starts.
+        evaluation: what the family measures on held-out data and shows in pictures (a
+            :class:`~ucfvit.models.tasks.Task`); None: the family is not evaluated.
     """
 
     name: str
@@ -86,6 +89,7 @@ class FamilySpec:
     recipe: Mapping[str, Any] = field(default_factory=dict)
     pooled_head: bool = False
     needs: tuple[str, ...] = ()
+    evaluation: Task | None = None
 
     def build_extra(self, model: nn.Module) -> Any:
         """The extra object of ``loss`` for ``model`` (None if the family needs none)."""

@@ -20,6 +20,7 @@ from .encoder import LEARNED_POS_EMBEDS, EncoderDecoder
 from .losses import segmentation_loss
 from .registry import FamilySpec, register_family
 from .rng import RandomSource
+from .tasks import Segmentation
 
 __all__ = ["SAP", "grid_patches"]
 
@@ -119,6 +120,6 @@ def _segmentation_loss(model: SAP, batch, rng: RandomSource, extra) -> torch.Ten
 register_family(
     FamilySpec(
         "sap", SAP, loss=_segmentation_loss, inputs=_patch_input,
-        recipe={"arch.num_classes": 3, "arch.fixed_length": 46}, needs=("seg",),
+        recipe={"arch.num_classes": 3, "arch.fixed_length": 46}, needs=("seg",), evaluation=Segmentation(),
     )
 )  # fmt: skip

@@ -14,6 +14,7 @@ from .losses import segmentation_loss
 from .patches import unpatchify
 from .registry import FamilySpec, register_family
 from .rng import RandomSource
+from .tasks import Segmentation
 
 __all__ = ["UNETR", "ConvBlock"]
 
@@ -147,4 +148,13 @@ def _segmentation_loss(model: UNETR, batch, rng: RandomSource, extra) -> torch.T
     return segmentation_loss(model(model_input(model, batch), variables=batch.get("variables"), rng=rng), batch["seg"])
 
 
-register_family(FamilySpec("unetr", UNETR, loss=_segmentation_loss, recipe={"arch.num_classes": 3}, needs=("seg",)))
+register_family(
+    FamilySpec(
+        "unetr",
+        UNETR,
+        loss=_segmentation_loss,
+        recipe={"arch.num_classes": 3},
+        needs=("seg",),
+        evaluation=Segmentation(),
+    )
+)

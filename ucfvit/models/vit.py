@@ -14,6 +14,7 @@ from .adaptive import masked_mean, model_input, token_layout
 from .encoder import PosEmbed, VisionTransformer, dropout_scale, shuffle_indices
 from .registry import FamilySpec, register_family
 from .rng import RandomSource
+from .tasks import Classification
 
 __all__ = ["GLOBAL_POOLS", "ViT"]
 
@@ -120,6 +121,7 @@ def _classification_loss(model: ViT, batch, rng: RandomSource, extra) -> torch.T
 
 register_family(
     FamilySpec(
-        "vit", ViT, loss=_classification_loss, recipe={"arch.num_classes": 3}, pooled_head=True, needs=("label",)
+        "vit", ViT, loss=_classification_loss, recipe={"arch.num_classes": 3}, pooled_head=True, needs=("label",),
+        evaluation=Classification(),
     )
-)
+)  # fmt: skip

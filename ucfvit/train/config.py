@@ -93,6 +93,35 @@ class InitConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Validation on held-out data: during training (``--eval.every``) and by ``recipes/evaluate.py``."""
+
+    every: int = 0
+    """Validate every N steps and after the last one (0: never during training)."""
+    samples: int = 64
+    """Validation samples per dataset (a file dataset: at most its tiles in ``--eval.split``, evenly spread)."""
+    batch_size: int = 8
+    """Samples per rank per forward."""
+    split: tuple[float, float] | None = None
+    """Fractions [start, end) of each directory's files to validate on (None: what ``--data.split`` leaves
+    out of training, e.g. 0.9 1 after ``--data.split 0 0.9``). Synthetic data validates on samples that
+    training never draws."""
+    image_size: tuple[int, ...] | None = None
+    """Synthetic data: validate on images of this size, larger than the model's input, by sliding-window
+    inference (segmentation families); None: the model's input size."""
+    pictures: int = 8
+    """Samples drawn in the PNG pictures written to ``<run.dir>/pictures`` after the last validation (0: none)."""
+    sampler: Literal["ddim", "ddpm", "none"] = "ddim"
+    """Diffusion: deterministic DDIM with ``--eval.sample-steps``, DDPM ancestral over all steps, or no sampling."""
+    sample_steps: int = 50
+    """Diffusion: DDIM steps (at most ``--arch.time-steps``)."""
+    window_overlap: float = 0.5
+    """Sliding-window inference: fraction of a tile shared with its neighbour."""
+    window_weights: Literal["gaussian", "uniform"] = "gaussian"
+    """Sliding-window inference: how overlapping tiles are blended."""
+
+
+@dataclass
 class ParallelConfig:
     """How the model is parallelized over the mesh (see ``ucfvit.parallelize``)."""
 
@@ -130,6 +159,9 @@ class MetricsConfig:
 
     log_every: int = 10
     """Print a progress line (and a JSON line to metrics.jsonl) every N steps."""
+    sink: tuple[Literal["tensorboard", "wandb"], ...] = ()
+    """Also log to TensorBoard (``<run.dir>/tensorboard``) and/or Weights & Biases (offline unless ``WANDB_MODE``
+    is set), scalars and pictures; metrics.jsonl is always written."""
 
 
 @dataclass
@@ -163,6 +195,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -31,7 +31,9 @@ from ucfvit.models import FamilySpec
 
 from .checkpoint import write_atomic
 
-__all__ = ["DataSetup", "adapt_to_data", "channel_batches", "check_data", "input_spec", "prepare_data"]
+__all__ = [
+    "DataSetup", "adapt_to_data", "channel_batches", "check_data", "index_on_rank0", "input_spec", "prepare_data",
+]  # fmt: skip
 
 INDEX_FILE, PLAN_FILE = Path("data") / "index.json", Path("data") / "plan.json"
 
@@ -147,14 +149,17 @@ class DataSetup:
     plan: LoadPlan
 
 
-def _rank0_index(data: DataConfig, img_size, run_dir: Path, rank: int) -> dict[str, SourceIndex]:
-    """Rank 0 builds (or reuses) the index and writes it; every rank then reads it. A failure on
-    rank 0 is raised on every rank (the broadcast doubles as the barrier)."""
+def index_on_rank0(
+    data: DataConfig, img_size, run_dir: Path, rank: int, where: Path = INDEX_FILE
+) -> dict[str, SourceIndex]:
+    """The file index of ``data``'s file datasets: rank 0 builds (or reuses) ``run_dir/where`` and
+    writes it; every rank then reads it. A failure on rank 0 is raised on every rank (the broadcast
+    doubles as the barrier). Collective when there are file datasets."""
     files = {n: c for n, c in dataset_configs(data).items() if is_file_kind(c.kind)}
     if not files:
         return {}
     key = fingerprint(files, img_size, data.skip_bad_files)
-    path = run_dir / INDEX_FILE
+    path = run_dir / where
     error, indexes = None, None
     if rank == 0:
         try:
@@ -189,7 +194,7 @@ def _file_ndim(cfg, img_size) -> int:
 
 def prepare_data(data: DataConfig, spec: InputSpec, dp_size: int, seed: int, run_dir: Path, rank: int) -> DataSetup:
     """Index, sources and load plan of the run (collective: every rank calls it)."""
-    indexes = _rank0_index(data, spec.img_size, run_dir, rank)
+    indexes = index_on_rank0(data, spec.img_size, run_dir, rank)
     sources = build_dataset(data, spec, seed, indexes)
     plan = plan_load(
         list(sources), [s.size for s in sources.values()], dp_size, data.global_batch_size // dp_size, data.groups

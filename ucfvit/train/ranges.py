@@ -101,6 +101,14 @@ RANGES: dict[str, Range] = {
     "checkpoint.every": AT_LEAST_0,  # 0: only at the end
     "checkpoint.keep": AT_LEAST_1,
     "metrics.log_every": AT_LEAST_1,
+    "eval.every": AT_LEAST_0,  # 0: no validation during training
+    "eval.samples": AT_LEAST_1,
+    "eval.batch_size": AT_LEAST_1,
+    "eval.split": Range(0, 1),  # per entry; start < end is checked with the data options
+    "eval.image_size": AT_LEAST_1,  # per entry; at least the model's input, checked with the data options
+    "eval.pictures": AT_LEAST_0,
+    "eval.sample_steps": AT_LEAST_1,  # at most --arch.time-steps, checked with the data options
+    "eval.window_overlap": Range(0, 1, high_open=True),
     # torch.manual_seed takes [-2**63, 2**64 - 1] and the Philox key is the seed modulo 2**64:
     # non-negative seeds below 2**64 are the ones that give distinct runs.
     "run.seed": Range(0, 2**64 - 1),

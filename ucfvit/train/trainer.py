@@ -15,6 +15,7 @@ import re
 import resource
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from torch import nn
 
 from ucfvit.data.loader import TreePatches, build_loader, positions_at
 from ucfvit.data.readers import DataError
+from ucfvit.eval.plots import plot_run
 from ucfvit.models import FamilySpec, build_model, get_family
 from ucfvit.models.registry import model_arguments, resolved_model_kwargs
 from ucfvit.parallel import (
@@ -42,7 +44,9 @@ from ucfvit.parallel.mesh import world_size
 from .checkpoint import Checkpointer, CheckpointError, decode_rng, encode_rng, read_checkpoint_config
 from .config import ARCH_OPTIONS, Config, ConfigError
 from .data_setup import channel_batches, check_data, input_spec, prepare_data
+from .evaluation import Evaluator, check_eval
 from .export import export_safetensors, exported_config, load_exported  # noqa: F401 (load_exported: its former home)
+from .hooks import Hooks, check_sinks, make_sinks
 from .init_from import Pretrained, freeze_encoder, load_into, prepare_pretrained
 from .metrics import Throughput, append_jsonl, format_progress, peak_flops, train_flops_per_sample
 from .optim import build_optimizer, lr_at, set_lr
@@ -178,6 +182,8 @@ def _resolve(cfg: Config) -> RunPlan:
         ) from err
     try:
         check_data(cfg.data, model, spec, shape.dp_size)
+        check_eval(cfg, model, spec)
+        check_sinks(cfg.metrics.sink)
     except DataError as err:
         raise ValueError(str(err)) from err
     run = inspect_run_dir(cfg.run.dir, cfg.checkpoint.resume, cfg.run.overwrite)  # reads only
@@ -317,8 +323,27 @@ def _peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (host RSS)
 
 
-def train(cfg: Config) -> TrainResult:
-    """Run (or resume) the training described by ``cfg``; see the module doc."""
+def _validate(evaluator: Evaluator, step: int, run_dir: Path, rank: int) -> dict:
+    """Run validation (collective); rank 0 prints it and appends it to metrics.jsonl."""
+    metrics = evaluator.run()
+    if rank == 0:
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"validation at step {step}: {shown}  ({metrics['samples']} samples)", flush=True)
+        append_jsonl(run_dir / "metrics.jsonl", {"step": step, "eval": metrics, "time": time.time()})
+    return metrics
+
+
+def _plot_curves(run_dir: Path) -> None:
+    """``<run_dir>/curves.png`` from metrics.jsonl, when matplotlib is installed (rank 0)."""
+    try:
+        print(f"curves {plot_run(run_dir)}", flush=True)
+    except ImportError as err:
+        print(f"no curves.png: {err}", flush=True)
+
+
+def train(cfg: Config, hooks: Sequence[Hooks] = ()) -> TrainResult:
+    """Run (or resume) the training described by ``cfg``; see the module doc. ``hooks``
+    (:class:`~ucfvit.train.hooks.Hooks`) are called at logged steps, validations and checkpoints."""
     plan = validate_config(cfg)
     try:
         lock = RunLock(plan.run_dir).acquire()  # every rank; refuses before any collective
@@ -326,13 +351,13 @@ def train(cfg: Config) -> TrainResult:
         raise ConfigError(str(err)) from err
     try:
         with Watchdog(cfg.run.collective_timeout) as watchdog:  # ends a rank that stops making progress
-            return _train(cfg, plan, lock, watchdog)
+            return _train(cfg, plan, lock, watchdog, list(hooks))
     finally:
         if not dist.is_initialized() or dist.get_rank() == 0:
             lock.release()
 
 
-def _train(cfg: Config, plan: RunPlan, lock: RunLock, watchdog: Watchdog) -> TrainResult:
+def _train(cfg: Config, plan: RunPlan, lock: RunLock, watchdog: Watchdog, hooks: list[Hooks]) -> TrainResult:
     ckpt, model = plan.checkpoint, plan.model
     mesh = make_mesh(plan.shape, timeout=datetime.timedelta(seconds=cfg.run.collective_timeout))
     rank = dist.get_rank()
@@ -387,6 +412,10 @@ def _train(cfg: Config, plan: RunPlan, lock: RunLock, watchdog: Watchdog) -> Tra
             print(f"resumed from {ckpt} at step {start_step} (data positions {where})", flush=True)
 
     extra = plan.spec.build_extra(model)
+    evaluator = None
+    if cfg.eval.every > 0:
+        watchdog.progress(None, "validation data index")
+        evaluator = Evaluator(model, plan.spec, input_spec(model, plan.spec), mesh, cfg, run_dir, extra)
     global_batch = cfg.data.global_batch_size
     rows = local_batch_range(mesh, global_batch)
     micro = cfg.data.micro_batch_size or len(rows)
@@ -422,7 +451,11 @@ def _train(cfg: Config, plan: RunPlan, lock: RunLock, watchdog: Watchdog) -> Tra
         path = checkpointer.save(step, model, optimizer, state, cfg.to_dict())
         if rank == 0:
             print(f"checkpoint {path}", flush=True)
+        for hook in hooks:
+            hook.on_checkpoint(step, path)
 
+    if rank == 0:
+        hooks = hooks + make_sinks(cfg.metrics.sink, run_dir, cfg.to_dict())
     stop = _StopFlag()
     guard = _FiniteGuard(cfg.optim.skip_nonfinite, start_step, device)
     timer = Throughput(start_step)
@@ -451,7 +484,8 @@ def _train(cfg: Config, plan: RunPlan, lock: RunLock, watchdog: Watchdog) -> Tra
             done = step + 1
             log_now = done % cfg.metrics.log_every == 0 or done == cfg.max_steps
             ckpt_now = cfg.checkpoint.every > 0 and done % cfg.checkpoint.every == 0
-            if not (log_now or ckpt_now or done % SYNC_EVERY == 0):
+            eval_now = evaluator is not None and (done % cfg.eval.every == 0 or done == cfg.max_steps)
+            if not (log_now or ckpt_now or eval_now or done % SYNC_EVERY == 0):
                 continue  # no host sync on this step
             # One all-reduce carries the loss (mean over ranks = mean over data-parallel ranks),
             # the stop flag (any rank asked to stop) and the non-finite steps since the last sync.
@@ -460,7 +494,7 @@ def _train(cfg: Config, plan: RunPlan, lock: RunLock, watchdog: Watchdog) -> Tra
             dist.all_reduce(stats)
             last_loss = stats[0].item() / world
             stop_now = stats[1].item() > 0
-            if log_now and rank == 0:
+            if log_now:
                 interval, overall = timer.update(done)
                 tflops = flops_per_step / interval / 1e12
                 record = {
@@ -471,9 +505,15 @@ def _train(cfg: Config, plan: RunPlan, lock: RunLock, watchdog: Watchdog) -> Tra
                     "peak_mem_gib": _peak_memory_gib(device), "eta_s": overall * (cfg.max_steps - done),
                     "time": time.time(),
                 }  # fmt: skip
-                print(format_progress(record), flush=True)
-                append_jsonl(run_dir / "metrics.jsonl", record)
+                if rank == 0:
+                    print(format_progress(record), flush=True)
+                    append_jsonl(run_dir / "metrics.jsonl", record)
+                stop.requested |= any([bool(hook.on_step_end(done, record)) for hook in hooks])
             guard.check_synced(done, stats[2].item(), checkpointer.last_saved)
+            if eval_now:
+                watchdog.progress(done, "validation")
+                metrics = _validate(evaluator, done, run_dir, rank)
+                stop.requested |= any([bool(hook.on_eval_end(done, metrics)) for hook in hooks])
             if ckpt_now or stop_now:
                 save(done)
             if stop_now:
@@ -493,6 +533,17 @@ def _train(cfg: Config, plan: RunPlan, lock: RunLock, watchdog: Watchdog) -> Tra
             if cfg.checkpoint.export_safetensors:
                 watchdog.progress(cfg.max_steps, "safetensors export")
                 export_safetensors(model, cfg, run_dir)
+            if evaluator is not None and done > start_step:
+                watchdog.progress(cfg.max_steps, "pictures")
+                path = evaluator.pictures(run_dir / "pictures", f"{cfg.model}_step{done}")
+                if path is not None:
+                    print(f"pictures {path}", flush=True)
+                    for hook in hooks:
+                        hook.on_pictures(done, path)
+        if rank == 0 and done > start_step:
+            _plot_curves(run_dir)
     finally:
         stop.restore()
+        for hook in hooks:
+            hook.close()
     return TrainResult(model, steps_done=done, stopped_early=stopped, last_loss=last_loss, run_dir=run_dir)
