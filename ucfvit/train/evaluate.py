@@ -65,6 +65,8 @@ def _config_of(args: EvaluateConfig) -> tuple[Config, Path, Path]:
     """``(the training config, the weights, the output directory)`` named by ``args``."""
     if args.run.dir is None and args.checkpoint is None:
         raise ConfigError("name the model to evaluate: --run.dir RUN (its newest checkpoint) or --checkpoint PATH")
+    if args.run.dir is not None and not (args.run.dir / "config.json").is_file():
+        raise ConfigError(f"--run.dir {args.run.dir} is not a run directory (it has no config.json)")
     if args.checkpoint is not None and args.checkpoint.is_file():
         spec_file = args.checkpoint.parent / EXPORT_CONFIG
         try:
@@ -81,6 +83,8 @@ def _config_of(args: EvaluateConfig) -> tuple[Config, Path, Path]:
             cfg = dataclasses.replace(load_config(args.run.dir / "config.json"), arch=arch)
         return cfg, args.checkpoint, args.out or args.run.dir or args.checkpoint.parent
     source = args.checkpoint or args.run.dir
+    if not source.exists():
+        raise ConfigError(f"{source} does not exist")
     try:
         ckpt = find_checkpoint(source)
     except CheckpointError as err:
