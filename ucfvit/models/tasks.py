@@ -148,7 +148,8 @@ class Reconstruction(Task):
         mse = (per_patch * mask).sum(1) / mask.sum(1).clamp(min=1)
         original = images["input"].double()
         spread = (original.flatten(1).amax(1) - original.flatten(1).amin(1)).clamp(min=1e-12)
-        window = min(11, min(original.shape[2:]) - (1 - min(original.shape[2:]) % 2))
+        side = min(original.shape[2:])
+        window = min(11, side if side % 2 else side - 1)  # the widest odd SSIM window that fits
         out = {
             "loss": model.sample_losses(x, pred, mask),
             "mse_masked": mse,

@@ -30,9 +30,11 @@ from .config import ArchConfig, Config, ConfigError, EvalConfig, InitConfig, Par
 from .data_setup import input_spec
 from .evaluation import Evaluator, check_eval
 from .export import CONFIG_FILE as EXPORT_CONFIG
+from .export import read_export_spec
 from .init_from import load_into, prepare_pretrained
+from .metrics import format_metrics
 from .ranges import check_ranges
-from .trainer import model_kwargs
+from .trainer import compute_dtype, model_kwargs
 
 __all__ = ["EvaluateConfig", "evaluate"]
 
@@ -68,14 +70,11 @@ def _config_of(args: EvaluateConfig) -> tuple[Config, Path, Path]:
     if args.run.dir is not None and not (args.run.dir / "config.json").is_file():
         raise ConfigError(f"--run.dir {args.run.dir} is not a run directory (it has no config.json)")
     if args.checkpoint is not None and args.checkpoint.is_file():
-        spec_file = args.checkpoint.parent / EXPORT_CONFIG
         try:
-            spec = json.loads(spec_file.read_bytes())
-            kwargs = dict(spec["kwargs"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ConfigError(
-                f"--checkpoint {args.checkpoint}: an export needs its {EXPORT_CONFIG} beside it, readable ({err})"
-            ) from None
+            spec = read_export_spec(args.checkpoint, args.checkpoint.parent / EXPORT_CONFIG)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"--checkpoint {args.checkpoint}: {err}") from None
+        kwargs = spec["kwargs"]
         names = {f.name for f in dataclasses.fields(ArchConfig)}
         arch = ArchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items() if k in names})
         cfg = Config(model=spec["model"], model_size=spec["size"], arch=arch)
@@ -109,8 +108,8 @@ def evaluate(args: EvaluateConfig) -> dict[str, Any]:
         cfg, mesh=args.mesh, eval=args.eval, parallel=args.parallel, init=InitConfig(from_=str(weights), parts="all")
     )
     check_ranges(cfg)
-    spec = get_family(cfg.model)
     try:
+        spec = get_family(cfg.model)
         shape = parse_mesh(cfg.mesh, world_size())
         with torch.device("meta"):
             model = build_model(cfg.model, cfg.model_size, **model_kwargs(cfg))
@@ -118,18 +117,15 @@ def evaluate(args: EvaluateConfig) -> dict[str, Any]:
         check_eval(cfg, model, spec, evaluating=True)
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    pretrained = prepare_pretrained(cfg.init, model)
+    pretrained = prepare_pretrained(cfg.init, model, option="--checkpoint")
     missing = pretrained.report.fresh + list(pretrained.report.skipped)
     if missing:
         raise ConfigError(f"{weights} does not hold this {cfg.model} model entirely:\n{pretrained.report.summary()}")
 
     mesh = make_mesh(shape, timeout=datetime.timedelta(seconds=cfg.run.collective_timeout))
     device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
-    param_dtype = torch.bfloat16 if cfg.parallel.param_dtype == "bfloat16" or (
-        cfg.parallel.param_dtype == "auto" and device.type == "cuda"
-    ) else None  # fmt: skip
-    parallelize(model, mesh, param_dtype=param_dtype, compile=cfg.parallel.compile,
-                sequence_parallel=cfg.parallel.sequence_parallel)  # fmt: skip
+    parallelize(model, mesh, param_dtype=compute_dtype(cfg.parallel.param_dtype, device.type),
+                compile=cfg.parallel.compile, sequence_parallel=cfg.parallel.sequence_parallel)  # fmt: skip
     model.to_empty(device=device)
     model.init_weights()
     load_into(model, pretrained)
@@ -144,7 +140,6 @@ def evaluate(args: EvaluateConfig) -> dict[str, Any]:
     }  # fmt: skip
     if dist.get_rank() == 0:
         write_atomic(out / RESULT_FILE, json.dumps(result, indent=2, default=str))
-        shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-        print(f"{cfg.model} from {weights} on mesh {cfg.mesh}: {shown}  ({metrics['samples']} samples)", flush=True)
+        print(f"{cfg.model} from {weights} on mesh {cfg.mesh}: {format_metrics(metrics)}", flush=True)
         print(f"wrote {out / RESULT_FILE}" + (f" and {picture}" if picture else ""), flush=True)
     return result

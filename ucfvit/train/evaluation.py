@@ -188,14 +188,15 @@ class Evaluator:
         try:
             for i in range(math.ceil(share / size)):
                 rows = range(dp_rank * share + i * size, dp_rank * share + (i + 1) * size)
-                weight = torch.tensor([float(g in mine) for g in rows], dtype=torch.float64, device=self.device)
+                counted = [g in mine for g in rows]
+                weight = torch.tensor(counted, dtype=torch.float64, device=self.device)
                 for p, part in enumerate(self._parts(self._batch(rows))):
                     rng = SampleRNG(self.cfg.run.seed, EVAL_STEP - p, rows.start, bound)
                     values = self.task.evaluate(self.model, part, self._inputs, rng, self.extra, self.options)
                     for name, v in values.items():
                         v = (v.double() * weight.view(-1, *([1] * (v.ndim - 1)))).sum(0)
                         sums[name] = sums[name] + v if name in sums else v
-                    count += len([g for g in rows if g in mine])
+                    count += sum(counted)
         finally:
             self.model.train(was_training)
         names = sorted(sums)

@@ -32,7 +32,7 @@ from .config import Config
 
 __all__ = [
     "CONFIG_FILE", "METADATA_KEY", "MODEL_FILE", "ExportError", "export_safetensors", "exported_config",
-    "load_exported", "save_exported",
+    "load_exported", "read_export_spec", "save_exported",
 ]  # fmt: skip
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "model_config.json"
@@ -84,14 +84,10 @@ def _differences(a: Any, b: Any, where: str = "") -> list[str]:
     return [] if a == b else [where.rstrip(".")]
 
 
-def load_exported(run_dir: str | Path, device: str = "cpu") -> nn.Module:
-    """A plain single-device model from ``run_dir``'s ``model.safetensors`` + ``model_config.json``.
-
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the field or tensor
-    when the files disagree with each other or with the model they describe.
-    """
-    run_dir = Path(run_dir)
-    weights, config = run_dir / MODEL_FILE, run_dir / CONFIG_FILE
+def read_export_spec(weights: Path, config: Path) -> dict[str, Any]:
+    """The :func:`exported_config` of an export, ``config`` (``model_config.json``) checked against the
+    copy in ``weights``' safetensors header (tensors are not read). Raises ``FileNotFoundError`` for a
+    missing file and ``ValueError`` naming the file and the field that is wrong."""
     for path in (config, weights):
         if not path.is_file():
             raise FileNotFoundError(
@@ -107,8 +103,6 @@ def load_exported(run_dir: str | Path, device: str = "cpu") -> nn.Module:
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as f:
             header = (f.metadata() or {}).get(METADATA_KEY)
-            names = f.keys()
-            state = {k: f.get_tensor(k) for k in names}
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{weights} is not a readable safetensors file ({err})") from err
     if header is None:
@@ -126,6 +120,24 @@ def load_exported(run_dir: str | Path, device: str = "cpu") -> nn.Module:
             f"{config} does not describe {weights}: field(s) {diffs} differ from the config in its header; "
             "the two files come from different exports: copy both from one run directory"
         )
+    return spec
+
+
+def load_exported(run_dir: str | Path, device: str = "cpu") -> nn.Module:
+    """A plain single-device model from ``run_dir``'s ``model.safetensors`` + ``model_config.json``.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the field or tensor
+    when the files disagree with each other or with the model they describe.
+    """
+    run_dir = Path(run_dir)
+    weights, config = run_dir / MODEL_FILE, run_dir / CONFIG_FILE
+    spec = read_export_spec(weights, config)
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            names = f.keys()
+            state = {k: f.get_tensor(k) for k in names}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights} is not a readable safetensors file ({err})") from err
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["kwargs"].items()}
     try:
         model = build_model(spec["model"], spec["size"], **kwargs)

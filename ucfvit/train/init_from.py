@@ -33,33 +33,34 @@ class Pretrained:
         return f"initialised from {self.source}: {self.report.summary()}"
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+def _read(path: Path, option: str) -> tuple[dict[str, torch.Tensor], str]:
     if path.is_dir():
         ckpt = find_checkpoint(path)
         if ckpt is None:
             raise ConfigError(
-                f"--init.from {path}: a directory, but no ucfvit checkpoint (step-N) in it or in checkpoints/"
+                f"{option} {path}: a directory, but no ucfvit checkpoint (step-N) in it or in checkpoints/"
             )
         return read_model_tensors(ckpt), f"ucfvit checkpoint {ckpt}"
     state, kind = read_pretrained(path)
     return state, f"{kind} {path}"
 
 
-def prepare_pretrained(cfg: InitConfig, model: nn.Module) -> Pretrained | None:
+def prepare_pretrained(cfg: InitConfig, model: nn.Module, option: str = "--init.from") -> Pretrained | None:
     """Read ``--init.from`` and fit it to ``model`` (meta is fine); None without ``--init.from``.
-    Raises :class:`~ucfvit.train.config.ConfigError` naming the option and the file."""
+    Raises :class:`~ucfvit.train.config.ConfigError` naming the file and ``option`` (the flag that
+    gave it: ``recipes/evaluate.py`` reads its ``--checkpoint`` this way)."""
     if cfg.from_ is None:
         return None
     path = Path(cfg.from_).expanduser()
     try:
-        state, source = _read(path)
+        state, source = _read(path, option)
     except (WeightsError, CheckpointError) as err:
-        raise ConfigError(f"--init.from: {err}") from None
+        raise ConfigError(f"{option}: {err}") from None
     prefixes = ENCODER_PREFIXES if cfg.parts == "encoder" else None
     fitted, report = fit_pretrained(model, state, prefixes)
     if not fitted:
         raise ConfigError(
-            f"--init.from {path}: no entry of this {source} fits the model (--init.parts {cfg.parts}):\n"
+            f"{option} {path}: no entry of this {source} fits the model (--init.parts {cfg.parts}):\n"
             + report.summary()
         )
     return Pretrained(fitted, report, source)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["train_flops_per_sample", "peak_flops", "Throughput", "format_progress"]
+__all__ = ["train_flops_per_sample", "peak_flops", "Throughput", "format_metrics", "format_progress"]
 
 # Dense bf16 tensor-core peak per device (FLOP/s); MI250X per GCD (one GCD is one torch device).
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "MI250X": 191.5e12, "MI300X": 1307e12}
@@ -78,6 +78,12 @@ class Throughput:
         overall = (now - self.start_time) / max(1, step - self.start_step)
         self.step, self.time = step, now
         return interval, overall
+
+
+def format_metrics(metrics: dict) -> str:
+    """One line of a validation result: its scalar metrics (per-class lists are left to the JSON) and the count."""
+    shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+    return f"{shown}  ({metrics['samples']} samples)"
 
 
 def format_progress(m: dict) -> str:

@@ -48,7 +48,7 @@ from .evaluation import Evaluator, check_eval
 from .export import export_safetensors, exported_config, load_exported  # noqa: F401 (load_exported: its former home)
 from .hooks import Hooks, check_sinks, make_sinks
 from .init_from import Pretrained, freeze_encoder, load_into, prepare_pretrained
-from .metrics import Throughput, append_jsonl, format_progress, peak_flops, train_flops_per_sample
+from .metrics import Throughput, append_jsonl, format_metrics, format_progress, peak_flops, train_flops_per_sample
 from .optim import build_optimizer, lr_at, set_lr
 from .ranges import check_ranges, flag
 from .run_dir import RunDirPlan, RunLock, inspect_run_dir, prepare_run_dir
@@ -323,12 +323,18 @@ def _peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (host RSS)
 
 
+def compute_dtype(param_dtype: str, device_type: str) -> torch.dtype | None:
+    """``--parallel.param-dtype`` as parallelize's ``param_dtype`` (None: the fp32 master weights)."""
+    return {"float32": None, "bfloat16": torch.bfloat16, "auto": torch.bfloat16 if device_type == "cuda" else None}[
+        param_dtype
+    ]
+
+
 def _validate(evaluator: Evaluator, step: int, run_dir: Path, rank: int) -> dict:
     """Run validation (collective); rank 0 prints it and appends it to metrics.jsonl."""
     metrics = evaluator.run()
     if rank == 0:
-        shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-        print(f"validation at step {step}: {shown}  ({metrics['samples']} samples)", flush=True)
+        print(f"validation at step {step}: {format_metrics(metrics)}", flush=True)
         append_jsonl(run_dir / "metrics.jsonl", {"step": step, "eval": metrics, "time": time.time()})
     return metrics
 
@@ -376,14 +382,9 @@ def _train(cfg: Config, plan: RunPlan, lock: RunLock, watchdog: Watchdog, hooks:
     watchdog.progress(None, "data index")
     data = prepare_data(cfg.data, input_spec(model, plan.spec), dp_size, cfg.run.seed, run_dir, rank)
 
-    param_dtype = {
-        "float32": None,
-        "bfloat16": torch.bfloat16,
-        "auto": torch.bfloat16 if device_type == "cuda" else None,
-    }
     parallelize(
         model, mesh,
-        param_dtype=param_dtype[cfg.parallel.param_dtype],
+        param_dtype=compute_dtype(cfg.parallel.param_dtype, device_type),
         activation_checkpointing=cfg.parallel.activation_checkpointing,
         compile=cfg.parallel.compile,
         sequence_parallel=cfg.parallel.sequence_parallel,
