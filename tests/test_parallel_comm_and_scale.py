@@ -34,6 +34,38 @@ def test_pure_replication_is_one_all_reduce_per_unit():
     assert counts == {"forward": {}, "backward": {"allreduce_": 4}}
 
 
+def _per_block(deep: dict, shallow: dict) -> dict:
+    """Collectives per block: the counts of a ``DEPTH``-block model minus those of a ``DEPTH - 1``-block one."""
+    return {
+        way: {op: n - shallow[way].get(op, 0) for op, n in deep[way].items() if n != shallow[way].get(op, 0)}
+        for way in deep
+    }
+
+
+@pytest.mark.parametrize("mesh, world", [("1x1x2", 2), ("2x2x2", 8)])
+def test_sequence_parallel_issues_the_megatron_minimum_per_block(mesh, world):
+    sp = {"sequence_parallel": True}
+    deep, shallow = (run_ranks(world, "comm_cases:comm_counts", mesh, d, sp)[0] for d in (DEPTH, DEPTH - 1))
+    fsdp = {"forward": {}, "backward": {}}
+    if mesh == "2x2x2":  # FSDP per block: gather the unit (again in backward), reduce-scatter, all-reduce over ddp
+        fsdp = {"forward": {"_allgather_base_": 1}, "backward": {"_allgather_base_": 1, "_reduce_scatter_base_": 1,
+                                                                 "allreduce_": 1}}  # fmt: skip
+    # Megatron-SP: the residual stream stays split along tokens between blocks, so a block
+    # all-gathers the inputs of attention and MLP and reduce-scatters their outputs, in forward and
+    # (transposed) in backward, and nothing more. The 4 all-reduces in backward are the gradients of
+    # norm1/norm2's weight and bias, summed over the token shards (Megatron sums them too).
+    assert _per_block(deep, shallow) == {
+        "forward": {"all_gather_into_tensor": 2, "reduce_scatter_tensor": 2, **fsdp["forward"]},
+        "backward": {"all_gather_into_tensor": 2, "reduce_scatter_tensor": 2, "all_reduce": 4, **fsdp["backward"]},
+    }
+    # Once per stack, not per block: the last block's output is gathered for the final norm and
+    # the head, and in backward the gradient of the first block's (sharded) input is gathered.
+    tp_only = {way: {op: n for op, n in c.items() if op in ("all_gather_into_tensor", "reduce_scatter_tensor")}
+               for way, c in deep.items()}  # fmt: skip
+    assert tp_only == {way: {"all_gather_into_tensor": 2 * DEPTH + 1, "reduce_scatter_tensor": 2 * DEPTH}
+                       for way in ("forward", "backward")}  # fmt: skip
+
+
 def test_single_device_issues_no_collective():
     counts = run_ranks(1, "comm_cases:comm_counts", "1x1x1", DEPTH)[0]
     assert counts == {"forward": {}, "backward": {}}

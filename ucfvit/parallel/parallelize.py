@@ -295,7 +295,8 @@ def parallelize(
             with ``"selective"`` checkpointing: ``"full"`` fails in torch 2.13 and is refused.
         reshard_after_forward: free gathered parameters of inner blocks after forward; the root
             and the last block always keep them (backward needs them first).
-        sequence_parallel: run norms on sequence shards inside blocks (tp > 1).
+        sequence_parallel: Megatron-style sequence parallelism (tp > 1): blocks pass token shards to
+            each other; see :mod:`ucfvit.parallel.plans`.
     """
     if tuple(mesh.mesh_dim_names or ()) != MESH_DIMS:
         raise ValueError(

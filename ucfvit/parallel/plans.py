@@ -8,10 +8,11 @@ because they share module names (Megatron layout per block):
   all-reduces forward and two backward per block.
 * ``attn`` takes its input as a replicated DTensor, so the gradients of q, k and v are summed
   locally and all-reduced once (the Megatron minimum), not three times.
-* With sequence parallelism the norms run on sequence shards: each block's input is split along
-  tokens, attention/MLP inputs are all-gathered and their outputs reduce-scattered, and the block
-  output is gathered again (blocks exchange full sequences, so skip taps and decoders need no
-  special case).
+* With sequence parallelism (Megatron-SP) the residual stream stays split along tokens: norms,
+  residual adds and LayerScale run on sequence shards, attention/MLP inputs are all-gathered and
+  their outputs reduce-scattered (two all-gathers and two reduce-scatters per block each way, the
+  Megatron minimum). A block passes its sharded output straight to the next; only the blocks whose
+  output the model reads as a whole sequence (the last of a stack, UNETR/SAP skip taps) gather it.
 * Options of the blocks: ``attn.q_norm``/``attn.k_norm`` (qk_norm) see a slice of the heads, so
   they run on head-sharded DTensors and their weight gradients are summed over tp; LayerScale
   ``ls1``/``ls2`` run on sequence shards under sequence parallelism. ``attn`` and ``mlp`` learn
@@ -71,23 +72,33 @@ class ModelPlan:
 
 
 class SequenceParallelBlock(ParallelStyle):
-    """Runs a transformer block on sequence shards and returns the full sequence.
+    """Runs a transformer block on sequence shards.
 
-    Splits the (replicated) input along tokens, turns a tensor ``drop_scale`` keyword into a
-    replicated DTensor (so stochastic depth can scale sharded activations), and all-gathers the
-    output. Uneven token counts are fine (DTensor pads internally).
+    The input is either the previous block's sharded output (a ``Shard(1)`` DTensor, used as is) or
+    a full sequence (a plain tensor, replicated over tp: each rank keeps its slice, no
+    communication). With ``full_output`` the output is all-gathered back to a plain tensor (for the
+    model code after the block: the final norm, skip taps, pooling); otherwise it stays a ``Shard(1)``
+    DTensor for the next block. A tensor ``drop_scale`` keyword becomes a replicated DTensor (so
+    stochastic depth can scale sharded activations). Uneven token counts are fine (DTensor pads
+    internally).
     """
+
+    def __init__(self, full_output: bool = True):
+        super().__init__()
+        self.full_output = full_output
 
     def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
         def pre_hook(_mod, args, kwargs):
-            x = DTensor.from_local(args[0], mesh, (Replicate(),), run_check=False).redistribute(mesh, (Shard(1),))
+            x = args[0]
+            if not isinstance(x, DTensor):
+                x = DTensor.from_local(x, mesh, (Replicate(),), run_check=False).redistribute(mesh, (Shard(1),))
             scale = kwargs.get("drop_scale")
             if isinstance(scale, torch.Tensor):
                 kwargs = {**kwargs, "drop_scale": DTensor.from_local(scale, mesh, (Replicate(),), run_check=False)}
             return (x, *args[1:]), kwargs
 
         def post_hook(_mod, _args, out):
-            return out.redistribute(mesh, (Replicate(),)).to_local()
+            return out.redistribute(mesh, (Replicate(),)).to_local() if self.full_output else out
 
         module.register_forward_pre_hook(pre_hook, with_kwargs=True)
         module.register_forward_hook(post_hook)
@@ -144,8 +155,10 @@ def _hidden(mlp: nn.Module) -> int:
 def block_tp_plan(
     prefix: str, sequence_parallel: bool, *, qk_norm: bool = False, layer_scale: bool = False
 ) -> dict[str, StyleSpec]:
-    """Megatron plan for the blocks matched by ``prefix`` (e.g. ``"blocks.*"``); ``qk_norm`` and
-    ``layer_scale`` say whether those blocks have ``attn.q_norm``/``attn.k_norm`` and ``ls1``/``ls2``."""
+    """Megatron plan inside the blocks matched by ``prefix`` (e.g. ``"blocks.*"``); ``qk_norm`` and
+    ``layer_scale`` say whether those blocks have ``attn.q_norm``/``attn.k_norm`` and ``ls1``/``ls2``.
+    With ``sequence_parallel`` each block itself also needs a :class:`SequenceParallelBlock` entry
+    (see :func:`vit_plan`: it depends on which block outputs the model reads whole)."""
     heads, hidden = ShardOffset("head_offset", _heads), ShardOffset("hidden_offset", _hidden)
     # q/k norms see the rank's heads: dim 2 of their input (B, N, heads, head_dim) is the sharded
     # one, so the norm weights stay replicated and their gradients are summed over tp.
@@ -172,7 +185,6 @@ def block_tp_plan(
     if layer_scale:  # branch outputs are sequence shards: the gammas act on them as replicated DTensors
         extra.update({f"{prefix}.ls1": SequenceParallel(), f"{prefix}.ls2": SequenceParallel()})
     return {
-        prefix: SequenceParallelBlock(),
         f"{prefix}.norm1": SequenceParallel(),
         f"{prefix}.norm2": SequenceParallel(),
         f"{prefix}.attn": Compose(gather, heads),
@@ -192,18 +204,23 @@ def vit_plan(model: nn.Module, sequence_parallel: bool = False) -> ModelPlan:
 
     Patch embedding, variable aggregation, norms outside blocks, heads and convolutional
     decoders stay out of tensor parallelism (replicated on tp, sharded by FSDP). Block options
-    (qk_norm, LayerScale) are read from the first block of each stack.
+    (qk_norm, LayerScale) are read from the first block of each stack. Under sequence parallelism
+    the last block of each stack and the encoder blocks in ``model.taps`` (UNETR/SAP skip
+    connections) return full sequences; the others pass token shards to the next block.
     """
-    stacks = {"blocks.*": model.blocks}
+    stacks = {"blocks": model.blocks}
     if len(getattr(model, "decoder_blocks", ())):
-        stacks["decoder_blocks.*"] = model.decoder_blocks
+        stacks["decoder_blocks"] = model.decoder_blocks
     tp: dict[str, StyleSpec] = {}
-    for prefix, blocks in stacks.items():
+    for name, blocks in stacks.items():
         first = blocks[0] if len(blocks) else None
         qk_norm = first is not None and not isinstance(getattr(first.attn, "q_norm", None), (nn.Identity, type(None)))
         layer_scale = first is not None and not isinstance(getattr(first, "ls1", None), (nn.Identity, type(None)))
-        tp.update(block_tp_plan(prefix, sequence_parallel, qk_norm=qk_norm, layer_scale=layer_scale))
-    return ModelPlan(tp=tp, blocks=tuple(stacks))
+        tp.update(block_tp_plan(f"{name}.*", sequence_parallel, qk_norm=qk_norm, layer_scale=layer_scale))
+        if sequence_parallel:
+            whole = {len(blocks) - 1, *(getattr(model, "taps", ()) if name == "blocks" else ())}
+            tp.update({f"{name}.{i}": SequenceParallelBlock(full_output=i in whole) for i in range(len(blocks))})
+    return ModelPlan(tp=tp, blocks=tuple(f"{name}.*" for name in stacks))
 
 
 _PLANS: dict[type, Callable[[nn.Module, bool], ModelPlan]] = {}

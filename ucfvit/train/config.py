@@ -132,7 +132,8 @@ class ParallelConfig:
     compile: bool = False
     """torch.compile each block."""
     sequence_parallel: bool = False
-    """Run norms on sequence shards (tp > 1)."""
+    """Megatron-style sequence parallelism (tp > 1): the residual stream between blocks, norms and residual adds
+    stay split along tokens over tp; attention and MLP gather their input and reduce-scatter their output."""
     reshard_after_forward: bool = True
     """Free gathered parameters of inner blocks after forward."""
 
