@@ -166,6 +166,25 @@ def test_curves_from_metrics_jsonl(tmp_path):
     assert result.returncode == 0 and (tmp_path / "c.png").is_file(), result.stderr
 
 
+def test_finetune_gain_benchmark_runs_pretraining_and_both_fine_tunings(tmp_path):
+    pytest.importorskip("matplotlib")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "finetune_gain.py"), "--out", str(tmp_path / "fg"), "--quick"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    (seed,) = record["seeds"]
+    assert record["pretrain_steps"] == 8 and seed["mae"]["step"] == 8
+    assert seed["scratch"]["step"] == seed["from_mae"]["step"] == 6
+    # the two fine-tunings differ only by their start: the MAE's encoder is what was loaded
+    assert seed["scratch"]["loss"] != seed["from_mae"]["loss"]
+    assert seed["loss_gain"] == pytest.approx(seed["scratch"]["loss"] - seed["from_mae"]["loss"])
+    log = (tmp_path / "fg" / "seed0" / "from_mae.log").read_text()
+    assert "initialised from ucfvit checkpoint" in log and "fresh" in log
+    assert cv2.imread(seed["plot"]) is not None
+    refused = subprocess.run(cmd, capture_output=True, text=True)  # --out now holds runs: never overwritten
+    assert refused.returncode != 0 and "is not empty" in refused.stderr
+
+
 # ------------------------------------------------------------------------------- options
 @pytest.mark.parametrize(
     "model, argv, message",
