@@ -1,5 +1,8 @@
 """The ``ddp x fsdp x tp`` DeviceMesh: parse ``"2x2x2"``, validate it against the world size,
-and build it (initialising the process group when needed)."""
+and build it (initialising the process group when needed).
+
+The world comes from torchrun's env:// variables, or from SLURM's for a process that ``srun``
+started directly (:mod:`ucfvit.parallel.launcher_env` translates them first)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.distributed_c10d import _set_pg_timeout
+
+from .launcher_env import apply_slurm_env, slurm_task
 
 MESH_DIMS = ("ddp", "fsdp", "tp")
 
@@ -69,29 +74,43 @@ def parse_mesh(spec: str | Sequence[int] | MeshShape, world_size: int | None = N
     return shape
 
 
+def _local_gpu() -> int | None:
+    """This process's GPU index: ``LOCAL_RANK`` when every local rank's GPU is visible (torchrun); for
+    an srun task that sees fewer GPUs than the node has tasks (``--gpus-per-task=1 --gpu-bind``: each
+    task sees only its own, as device 0) ``LOCAL_RANK`` modulo the visible count; else None (CPU)."""
+    apply_slurm_env()
+    if not torch.cuda.is_available():
+        return None
+    count, local_rank = torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", "0"))
+    if count >= int(os.environ.get("LOCAL_WORLD_SIZE", "1")):
+        return local_rank
+    return local_rank % count if count and slurm_task(os.environ) else None
+
+
 def mesh_device_type() -> str:
-    """``"cuda"`` when every local rank can have its own GPU (ROCm included), else ``"cpu"``."""
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if torch.cuda.is_available() and torch.cuda.device_count() >= local_world:
-        return "cuda"
-    return "cpu"
+    """``"cuda"`` when this process has a GPU of its own (ROCm included; see ``_local_gpu``), else ``"cpu"``."""
+    return "cpu" if _local_gpu() is None else "cuda"
 
 
 def world_size() -> int:
     """Number of processes of this job: the process group's, else the launcher's ``WORLD_SIZE`` (1 without one)."""
-    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    if dist.is_initialized():
+        return dist.get_world_size()
+    apply_slurm_env()  # before the first read of the env:// variables
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _init_process_group(device_type: str, timeout: datetime.timedelta | None) -> None:
     if dist.is_initialized():
         return
     backend = "nccl" if device_type == "cuda" else "gloo"
-    if "RANK" in os.environ:  # launched by torchrun / srun with the env:// variables
+    apply_slurm_env()
+    if "RANK" in os.environ:  # launched by torchrun, or by srun (SLURM's variables, translated)
         kwargs = {} if timeout is None else {"timeout": timeout}
         if device_type == "cuda":
-            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local_rank)
-            kwargs["device_id"] = torch.device("cuda", local_rank)
+            gpu = _local_gpu() or 0
+            torch.cuda.set_device(gpu)
+            kwargs["device_id"] = torch.device("cuda", gpu)
         dist.init_process_group(backend, **kwargs)
     else:  # a plain `python script.py`: a one-process group, no network needed
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -113,12 +132,11 @@ def make_mesh(
     """
     shape = parse_mesh(spec, world_size())
     device_type = device_type or mesh_device_type()
-    if device_type == "cuda":
+    if device_type == "cuda" and _local_gpu() is None:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        if torch.cuda.device_count() < local_world:
-            raise ValueError(
-                f"mesh {shape} asks for {local_world} GPUs per node but {torch.cuda.device_count()} are visible"
-            )
+        raise ValueError(
+            f"mesh {shape} asks for {local_world} GPUs per node but {torch.cuda.device_count()} are visible"
+        )
     _init_process_group(device_type, timeout)
     mesh = init_device_mesh(device_type, (shape.ddp, shape.fsdp, shape.tp), mesh_dim_names=MESH_DIMS)
     if timeout is not None:
