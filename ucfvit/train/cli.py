@@ -44,11 +44,13 @@ def _as(cls: type[Config], cfg: Config) -> Config:
     return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)})
 
 
-def parse(argv: Sequence[str], description: str | None = None) -> Config:
+def parse(argv: Sequence[str], description: str | None = None, accelerator: bool | None = None) -> Config:
     """Parse a training command line into a :class:`Config`.
 
     ``--model``/``--model-size`` pick the recipe whose values become the defaults; ``--config FILE``
     puts the file's options on top of them (a file that names its model may not be given another).
+    ``accelerator`` picks the GPU or CPU recipes (None: whether this machine has a GPU), e.g. to check
+    a GPU job's options on a login node.
     """
     argv = list(argv)
     pre = argparse.ArgumentParser(add_help=False)
@@ -78,9 +80,9 @@ def parse(argv: Sequence[str], description: str | None = None) -> Config:
         model, size = raw.get("model") or known.model or "mae", raw.get("model_size") or known.model_size
         if model not in list_models():
             raise ConfigError(f"--config {known.config}: model {model!r} is unknown; choose one of {list_models()}")
-        defaults = load_config(known.config, base=preset(model, size))
+        defaults = load_config(known.config, base=preset(model, size, accelerator))
     else:
-        defaults = preset(known.model or "mae", known.model_size)
+        defaults = preset(known.model or "mae", known.model_size, accelerator)
     cls = cli_config_class()
     cfg = tyro.cli(cls, default=_as(cls, defaults), args=argv, description=description)
     adapt_to_data(cfg, _given(argv) | in_file)  # what the file or the flags set is kept
