@@ -31,7 +31,7 @@ import numbers
 import time
 from pathlib import Path
 
-from ucfvit.eval.plots import read_metrics
+from ucfvit.eval.plots import pyplot, read_metrics
 from ucfvit.train.run_dir import LOCK, STALE_AFTER_S
 
 COLUMNS = [
@@ -184,20 +184,9 @@ def label(key: tuple) -> str:
     return " ".join(filter(None, [f"{model}:{size}", scaling, rule if rule not in ("", "auto") else ""]))
 
 
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as err:
-        raise ImportError("the plots need matplotlib: pip install 'ucfvit[plot]' (or pip install matplotlib)") from err
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot(rows: list[dict], column: str, ylabel: str, out: Path) -> None:
     """``column`` against GPUs, one line per series; a note instead of lines when no run has it."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn = False
     for key in dict.fromkeys(series_key(r) for r in rows):

@@ -12,7 +12,7 @@ import numbers
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["plot_run", "plot_runs", "read_metrics"]
+__all__ = ["plot_run", "plot_runs", "pyplot", "read_metrics"]
 
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
@@ -31,7 +31,8 @@ def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or an ImportError that gives the install command."""
     try:
         import matplotlib
     except ImportError as err:
@@ -50,7 +51,7 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Loss (training and validation), learning rate, throughput (and MFU) and every scalar validation
     metric against the step, as ``<run_dir>/curves.png`` (or ``out``); returns the path."""
-    plt = _pyplot()
+    plt = pyplot()
     run_dir = Path(run_dir)
     train, evals = read_metrics(run_dir)
     if not train and not evals:
@@ -96,7 +97,7 @@ def _positive(records: list[dict], key: str) -> bool:
 
 def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None) -> Path:
     """The training (lines) and validation (markers) losses of several runs on one plot, as ``out``."""
-    plt = _pyplot()
+    plt = pyplot()
     labels = list(labels) if labels is not None else [Path(r).name for r in run_dirs]
     if len(labels) != len(run_dirs):
         raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs")
