@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.skip < 0:
         parser.error(f"--skip {args.skip}: must be >= 0")
+    # A run directory not made yet (a pending job) is listed as missing; none existing at all is a typo.
+    if not any(p.is_dir() for p in args.paths):
+        parser.error(f"{' '.join(map(str, args.paths))}: no such directory (give sweep or run directories)")
     sweeps = [p for p in args.paths if (p / "manifest.json").is_file()]
     if args.out is None and len(sweeps) != 1:
         parser.error("--out is needed unless exactly one sweep directory (with manifest.json) is given")
