@@ -40,6 +40,16 @@ def clean_env(**extra: str) -> dict[str, str]:
 # SLURM variables -> env://
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """apply_slurm_env writes RANK, WORLD_SIZE, ... into os.environ; monkeypatch.delenv of a variable that
+    was absent does not undo that, and later tests in this process would think they are rank 9 of 16."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 SRUN_TASK = {"SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_NTASKS": "16", "SLURM_NODEID": "1",
              "MASTER_ADDR": "frontier00001", "MASTER_PORT": "13456"}  # fmt: skip
 
