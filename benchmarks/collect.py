@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from ucfvit.eval.plots import pyplot, read_metrics
+from ucfvit.parallel import parse_mesh
 from ucfvit.train.run_dir import LOCK, STALE_AFTER_S
 
 COLUMNS = [
@@ -131,14 +132,13 @@ def run_from_dir(path: Path) -> dict:
     """A manifest-like entry of a run directory outside a sweep, from its config.json (blank if absent)."""
     try:
         cfg = json.loads((path / "config.json").read_text())
-        mesh = cfg["mesh"]
-        ddp, fsdp, tp = (int(v) for v in mesh.split("x"))
+        mesh, gpus = cfg["mesh"], parse_mesh(cfg["mesh"]).world_size
         model, size, batch = cfg["model"], cfg["model_size"], cfg["data"]["global_batch_size"]
     except (OSError, ValueError, KeyError, TypeError):
-        mesh, ddp, fsdp, tp, model, size, batch = "", 0, 1, 1, "", "", None
+        mesh, gpus, model, size, batch = "", None, "", "", None
     return {
         "name": path.name, "model": model, "size": size, "scaling": "", "mesh_rule": "", "nodes": None,
-        "gpus": ddp * fsdp * tp or None, "mesh": mesh, "global_batch": batch, "run_dir": str(path),
+        "gpus": gpus, "mesh": mesh, "global_batch": batch, "run_dir": str(path),
     }  # fmt: skip
 
 

@@ -14,30 +14,15 @@ from __future__ import annotations
 
 import sys
 
-import torch.distributed as dist
 import tyro
 
-from ucfvit.data.readers import DataError
-from ucfvit.train.checkpoint import CheckpointError
-from ucfvit.train.config import ConfigError
+from ucfvit.train.cli import run_recipe
 from ucfvit.train.evaluate import EvaluateConfig, evaluate
 
 
 def main(argv: list[str] | None = None) -> None:
     args = tyro.cli(EvaluateConfig, args=sys.argv[1:] if argv is None else argv, description=__doc__)
-    error = None
-    try:
-        evaluate(args)
-    except ConfigError as err:
-        error = f"error: {err}"
-    except CheckpointError as err:
-        error = f"checkpoint error: {err}"
-    except DataError as err:
-        error = f"data error: {err}"
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    if error is not None:
-        sys.exit(f"recipes/evaluate.py: {error}")
+    run_recipe("recipes/evaluate.py", lambda: evaluate(args))
 
 
 if __name__ == "__main__":

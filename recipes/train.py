@@ -14,36 +14,12 @@ from __future__ import annotations
 
 import sys
 
-import torch.distributed as dist
-
-from ucfvit.data.readers import DataError
-from ucfvit.train.checkpoint import CheckpointError
-from ucfvit.train.cli import parse
-from ucfvit.train.config import ConfigError
-from ucfvit.train.export import ExportError
-from ucfvit.train.trainer import TrainingDiverged, train
+from ucfvit.train.cli import parse, run_recipe
+from ucfvit.train.trainer import train
 
 
 def main(argv: list[str] | None = None) -> None:
-    error = None
-    try:
-        train(parse(sys.argv[1:] if argv is None else argv, description=__doc__))
-    except ConfigError as err:  # a bad option: one line naming it, no traceback
-        error = f"error: {err}"
-    except TrainingDiverged as err:  # the same message on every rank; nothing non-finite was saved
-        error = f"diverged: {err}"
-    except CheckpointError as err:  # a checkpoint refused at load, or a save that failed (on every rank)
-        error = f"checkpoint error: {err}"
-    except ExportError as err:  # rank 0 only; the other ranks have finished
-        error = f"export error: {err}"
-    except DataError as err:  # a file that cannot be read; from a loader worker, its message ends the traceback
-        error = f"data error: {str(err).strip().splitlines()[-1].removeprefix(f'{DataError.__module__}.DataError: ')}"
-    # Every rank gets here alike (done, or an error every rank raised; the export's is local). Left
-    # to interpreter exit, gloo's threads can abort the process (SIGABRT, pytorch/pytorch#190489).
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    if error is not None:
-        sys.exit(f"recipes/train.py: {error}")
+    run_recipe("recipes/train.py", lambda: train(parse(sys.argv[1:] if argv is None else argv, description=__doc__)))
 
 
 if __name__ == "__main__":

@@ -17,18 +17,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from typing import Annotated, Literal
 
+import torch.distributed as dist
 import tyro
 
+from ucfvit.data.readers import DataError
 from ucfvit.models import list_models
 
+from .checkpoint import CheckpointError
 from .config import Config, ConfigError, dotted_options, load_config, read_config_file
 from .data_setup import adapt_to_data
+from .export import ExportError
 from .presets import preset
+from .trainer import TrainingDiverged
 
-__all__ = ["parse", "cli_config_class"]
+__all__ = ["parse", "cli_config_class", "run_recipe"]
 
 
 def cli_config_class() -> type[Config]:
@@ -92,3 +98,33 @@ def parse(argv: Sequence[str], description: str | None = None, accelerator: bool
 def _given(argv: Sequence[str]) -> set[str]:
     """Dotted field names set on the command line (``--arch.img-size 16 16`` -> ``arch.img_size``)."""
     return {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+
+
+def _one_line(err: Exception) -> str:
+    """The line a recipe prints for an error it expects; anything else keeps its traceback."""
+    if isinstance(err, ConfigError):  # a bad option: one line naming it, no traceback
+        return f"error: {err}"
+    if isinstance(err, TrainingDiverged):  # the same message on every rank; nothing non-finite was saved
+        return f"diverged: {err}"
+    if isinstance(err, CheckpointError):  # a checkpoint refused at load, or a save that failed (on every rank)
+        return f"checkpoint error: {err}"
+    if isinstance(err, ExportError):  # rank 0 only; the other ranks have finished
+        return f"export error: {err}"
+    # A file that cannot be read; from a loader worker, its message ends the worker's traceback.
+    return f"data error: {str(err).strip().splitlines()[-1].removeprefix(f'{DataError.__module__}.DataError: ')}"
+
+
+def run_recipe(prog: str, body: Callable[[], object]) -> None:
+    """Run a recipe's ``body``; an error it expects (bad option, divergence, checkpoint, export or data
+    error) exits with one line ``prog: kind: message`` instead of a traceback. Every rank gets here alike
+    (done, or an error every rank raised; the export's is local) and closes its process group first:
+    left to interpreter exit, gloo's threads can abort the process (SIGABRT, pytorch/pytorch#190489)."""
+    error = None
+    try:
+        body()
+    except (ConfigError, TrainingDiverged, CheckpointError, ExportError, DataError) as err:
+        error = _one_line(err)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if error is not None:
+        sys.exit(f"{prog}: {error}")
