@@ -15,13 +15,15 @@ import re
 import resource
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from ucfvit.data.loader import TreePatches, build_loader, positions_at
 from ucfvit.data.readers import DataError
@@ -54,7 +56,10 @@ from .ranges import check_ranges, flag
 from .run_dir import RunDirPlan, RunLock, inspect_run_dir, prepare_run_dir
 from .watchdog import Watchdog
 
-__all__ = ["train", "validate_config", "model_kwargs", "RunPlan", "TrainResult", "TrainingDiverged"]
+__all__ = [
+    "train", "accumulate_gradients", "build_checked_model", "validate_config", "model_kwargs",
+    "RunPlan", "TrainResult", "TrainingDiverged",
+]  # fmt: skip
 
 # Ranks agree on a stop request (SIGTERM/SIGINT) at the next synchronisation point: every
 # log step, checkpoint step, and at least every SYNC_EVERY steps.
@@ -140,8 +145,27 @@ def validate_config(cfg: Config) -> RunPlan:
 
 
 def _resolve(cfg: Config) -> RunPlan:
-    spec = get_family(cfg.model)
     shape = parse_mesh(cfg.mesh, world_size())
+    spec, model = build_checked_model(cfg, shape)
+    try:
+        check_data(cfg.data, model, spec, shape.dp_size)
+        check_eval(cfg, model, spec)
+        check_sinks(cfg.metrics.sink)
+    except DataError as err:
+        raise ValueError(str(err)) from err
+    run = inspect_run_dir(cfg.run.dir, cfg.checkpoint.resume, cfg.run.overwrite)  # reads only
+    if run.checkpoint is not None:
+        _check_compatible(cfg, run.checkpoint)
+    pretrained = prepare_pretrained(cfg.init, model) if run.checkpoint is None else None  # a resume has its own
+    freeze_encoder(cfg.init, model)
+    return RunPlan(spec=spec, shape=shape, model=model, run=run, pretrained=pretrained)
+
+
+def build_checked_model(cfg: Config, shape: MeshShape) -> tuple[FamilySpec, nn.Module]:
+    """The family and the model of ``cfg`` built on the meta device, after every check that depends
+    only on the options and the mesh ``shape`` (batch sizes, model shape, what parallelize would
+    refuse): ``ValueError`` naming the option. No data, files or communication."""
+    spec = get_family(cfg.model)
     global_batch, micro = cfg.data.global_batch_size, cfg.data.micro_batch_size
     if global_batch % shape.dp_size:
         raise ValueError(
@@ -180,18 +204,7 @@ def _resolve(cfg: Config) -> RunPlan:
             f"{cfg.model}/{cfg.model_size} on mesh {shape}: {err} (--arch.num-heads / --arch.decoder-num-heads, "
             "--mesh and --parallel.* set these)"
         ) from err
-    try:
-        check_data(cfg.data, model, spec, shape.dp_size)
-        check_eval(cfg, model, spec)
-        check_sinks(cfg.metrics.sink)
-    except DataError as err:
-        raise ValueError(str(err)) from err
-    run = inspect_run_dir(cfg.run.dir, cfg.checkpoint.resume, cfg.run.overwrite)  # reads only
-    if run.checkpoint is not None:
-        _check_compatible(cfg, run.checkpoint)
-    pretrained = prepare_pretrained(cfg.init, model) if run.checkpoint is None else None  # a resume has its own
-    freeze_encoder(cfg.init, model)
-    return RunPlan(spec=spec, shape=shape, model=model, run=run, pretrained=pretrained)
+    return spec, model
 
 
 def _as_flags(message: str) -> str:
@@ -363,6 +376,37 @@ def train(cfg: Config, hooks: Sequence[Hooks] = ()) -> TrainResult:
             lock.release()
 
 
+def accumulate_gradients(
+    model: nn.Module,
+    spec: FamilySpec,
+    batches: Iterator[dict],
+    mesh: DeviceMesh,
+    cfg: Config,
+    step: int,
+    accum: int,
+    micro: int,
+    extra: Any,
+    device: torch.device,
+) -> torch.Tensor:
+    """Forward and backward of one training step: ``accum`` micro-batches of ``micro`` samples from
+    ``batches``, each loss scaled by ``1/accum``; gradients are reduced once, on the last backward.
+    A single-channel model trains on each channel of a batch in turn. Returns the step's loss (the
+    sum of the scaled losses, detached). ``benchmarks/simulate.py`` traces this same function."""
+    single = getattr(model, "single_channel", False)
+    loss_sum = torch.zeros((), device=device)
+    for m in range(accum):
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+        rng = sample_rng(mesh, cfg.run.seed, step, cfg.data.global_batch_size, micro_start=m * micro)
+        parts = channel_batches(batch, model.variables, cfg.data.separate_channels) if single else [batch]
+        for i, part in enumerate(parts):
+            if accum * len(parts) > 1:
+                model.set_requires_gradient_sync(m == accum - 1 and i == len(parts) - 1)
+            loss = spec.loss(model, part, rng, extra) / (accum * len(parts))
+            loss.backward()
+            loss_sum += loss.detach()
+    return loss_sum
+
+
 def _train(cfg: Config, plan: RunPlan, lock: RunLock, watchdog: Watchdog, hooks: list[Hooks]) -> TrainResult:
     ckpt, model = plan.checkpoint, plan.model
     mesh = make_mesh(plan.shape, timeout=datetime.timedelta(seconds=cfg.run.collective_timeout))
@@ -422,7 +466,6 @@ def _train(cfg: Config, plan: RunPlan, lock: RunLock, watchdog: Watchdog, hooks:
     micro = cfg.data.micro_batch_size or len(rows)
     accum = len(rows) // micro
     tree = getattr(model, "adaptive_patching", False) and cfg.data.patching == "tree"
-    single = getattr(model, "single_channel", False)
     loader = build_loader(
         data.sources, data.plan, dp_rank, start, start_step, cfg.max_steps, micro, cfg.run.seed,
         shuffle=cfg.data.shuffle,
@@ -466,17 +509,7 @@ def _train(cfg: Config, plan: RunPlan, lock: RunLock, watchdog: Watchdog, hooks:
             watchdog.progress(step + 1, "training step")  # numbered as in the logs: step N ends with N done
             lr = lr_at(step, cfg)
             set_lr(optimizer, lr)
-            loss_sum = torch.zeros((), device=device)
-            for m in range(accum):
-                batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-                rng = sample_rng(mesh, cfg.run.seed, step, global_batch, micro_start=m * micro)
-                parts = channel_batches(batch, model.variables, cfg.data.separate_channels) if single else [batch]
-                for i, part in enumerate(parts):  # a single-channel model trains on each channel in turn
-                    if accum * len(parts) > 1:  # gradients are reduced once, on the step's last backward
-                        model.set_requires_gradient_sync(m == accum - 1 and i == len(parts) - 1)
-                    loss = plan.spec.loss(model, part, rng, extra) / (accum * len(parts))
-                    loss.backward()
-                    loss_sum += loss.detach()
+            loss_sum = accumulate_gradients(model, plan.spec, batches, mesh, cfg, step, accum, micro, extra, device)
             grad_norm = clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
             if guard.update_ok(step + 1, loss_sum, grad_norm, checkpointer.last_saved):
                 optimizer.step()
