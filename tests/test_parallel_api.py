@@ -82,3 +82,18 @@ def test_clip_grad_norm_matches_single_process_clip(world, spec):
     r = run_ranks(world, "misc_cases:clip_matches_reference", spec, 0.05)[0]
     assert r["clipped"], "the test must actually clip"
     assert r["norm_diff"] < 1e-5 and r["grad_diff"] < 1e-6, r
+
+
+def test_fsdp_shards_short_tensors_on_a_dim_it_can_split():
+    """dim 0 shorter than the shard count: the longest dim if the count divides it (pos_embed,
+    cls_token), else dim 0 (FSDP pads dim 0 only; a 3-class head on 8192 ranks once failed)."""
+    import torch
+    from torch.distributed.tensor import Shard
+
+    from ucfvit.parallel.parallelize import _shard_placement
+
+    assert _shard_placement(torch.empty(1, 256, 64), 32) == Shard(1)
+    assert _shard_placement(torch.empty(1, 1, 64), 8) == Shard(2)
+    assert _shard_placement(torch.empty(3, 12288), 8192) is None
+    assert _shard_placement(torch.empty(4096, 8), 8192) is None  # longest is dim 0 itself
+    assert _shard_placement(torch.empty(64, 8), 8) is None  # dim 0 long enough

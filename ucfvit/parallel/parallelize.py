@@ -214,10 +214,12 @@ def apply_compile(blocks: Iterable[nn.Module], backend: str | None = None) -> No
 
 def _shard_placement(param: nn.Parameter, shards: int) -> Shard | None:
     """FSDP shards dim 0 unless it is shorter than the shard count (``pos_embed`` is (1, N, D),
-    ``cls_token`` (1, 1, D)): then the longest dim, so such tensors do not land whole on rank 0."""
+    ``cls_token`` (1, 1, D)): then the longest dim, so such tensors do not land whole on rank 0,
+    if the shard count divides it (FSDP pads dim 0 only; a (3, D) head on 8192 ranks stays on dim 0)."""
     if param.ndim < 2 or param.shape[0] >= shards:
         return None
-    return Shard(max(range(param.ndim), key=lambda d: param.shape[d]))
+    longest = max(range(param.ndim), key=lambda d: param.shape[d])
+    return Shard(longest) if param.shape[longest] % shards == 0 else None
 
 
 def dp_mesh_of(mesh: DeviceMesh) -> DeviceMesh:
