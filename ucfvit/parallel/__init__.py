@@ -3,10 +3,12 @@
 ``mesh`` builds the mesh, ``plans`` holds tensor-parallel plans as data, ``parallelize`` applies
 TP -> activation checkpointing -> compile -> FSDP2 (each step also usable alone), ``samples`` says
 which samples and random stream a rank gets, ``clip`` clips DTensor gradients exactly, and
-``state_dict`` gathers a full state dict for export.
+``state_dict`` gathers a full state dict for export. ``comm_volume`` measures the bytes a step's
+collectives move per mesh dimension and ``cost_model`` turns them into time on a cluster.
 """
 
 from .clip import clip_grad_norm_
+from .comm_volume import Collective, CommVolume
 from .mesh import MESH_DIMS, MeshShape, make_mesh, mesh_device_type, parse_mesh
 from .parallelize import (
     AC_MODES,
@@ -23,8 +25,8 @@ from .samples import data_parallel_info, local_batch_range, sample_rng
 from .state_dict import full_state_dict
 
 __all__ = [
-    "AC_MODES", "MESH_DIMS", "MeshShape", "ModelPlan", "SequenceParallelBlock", "apply_ac", "apply_compile",
-    "apply_fsdp", "apply_tp", "check_parallelizable", "clip_grad_norm_", "data_parallel_info", "dp_mesh_of",
-    "full_state_dict", "local_batch_range", "make_mesh", "mesh_device_type", "parallelize", "parse_mesh", "plan_for",
-    "register_plan", "sample_rng", "vit_plan",
+    "AC_MODES", "MESH_DIMS", "Collective", "CommVolume", "MeshShape", "ModelPlan", "SequenceParallelBlock",
+    "apply_ac", "apply_compile", "apply_fsdp", "apply_tp", "check_parallelizable", "clip_grad_norm_",
+    "data_parallel_info", "dp_mesh_of", "full_state_dict", "local_batch_range", "make_mesh", "mesh_device_type",
+    "parallelize", "parse_mesh", "plan_for", "register_plan", "sample_rng", "vit_plan",
 ]  # fmt: skip
