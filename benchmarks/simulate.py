@@ -168,10 +168,8 @@ def trace(cfg: Config) -> dict:
             while True:
                 yield batch
 
-        def step(number: int, before_clip=None) -> None:
+        def step(number: int) -> None:
             accumulate_gradients(model, spec, batches(), mesh, cfg, number, accum, micro, extra, device)
-            if before_clip is not None:
-                before_clip()
             clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -187,11 +185,10 @@ def trace(cfg: Config) -> dict:
         tracker = FSDPMemTracker(model, optimizer)
         tracker.track_inputs(tuple(batch.values()))
         fwd_bwd, after = CommVolume(mesh), CommVolume(mesh)
-        grads = {}
         with tracker:
             with fwd_bwd:
                 accumulate_gradients(model, spec, batches(), mesh, cfg, 1, accum, micro, extra, device)
-            grads["bytes"] = _local_bytes(p.grad for p in model.parameters() if p.grad is not None)
+            grad_bytes = _local_bytes(p.grad for p in model.parameters() if p.grad is not None)
             with after:
                 clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
                 optimizer.step()
@@ -206,7 +203,7 @@ def trace(cfg: Config) -> dict:
         "flops_per_sample": flops,
         "memory": {
             "params": _local_bytes(model.parameters()),
-            "grads": grads["bytes"],
+            "grads": grad_bytes,
             "optimizer": optimizer_bytes,
             "peak": peak["Total"],
             "peak_by_kind": {str(k).split(".")[-1].lower(): v for k, v in peak.items() if str(k) != "Total"},

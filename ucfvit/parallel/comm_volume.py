@@ -14,7 +14,6 @@ all-reduce ``2(n-1)/n``, a broadcast the payload once.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -110,7 +109,7 @@ class CommVolume(CommDebugMode):
 
     ``mesh``: the ``("ddp", "fsdp", "tp")`` mesh (or any named mesh) whose dimension groups name the
     collectives. Use as a context manager around a step; then :attr:`collectives` lists every call
-    and :meth:`summary` sums them per dimension and operation. Entering again starts afresh.
+    (``benchmarks/simulate.py`` sums them per dimension and operation). Entering again starts afresh.
     """
 
     def __init__(self, mesh: DeviceMesh):
@@ -159,15 +158,3 @@ class CommVolume(CommDebugMode):
                 )
             )
         return out
-
-    def summary(self) -> dict[str, dict[str, dict[str, float]]]:
-        """``{dim: {op: {"count", "payload_bytes", "sent_bytes"}}}`` over the recorded collectives."""
-        table: dict[str, dict[str, dict[str, float]]] = defaultdict(
-            lambda: defaultdict(lambda: {"count": 0, "payload_bytes": 0, "sent_bytes": 0.0})
-        )
-        for c in self.collectives:
-            row = table[c.dims][c.op]
-            row["count"] += 1
-            row["payload_bytes"] += c.payload_bytes
-            row["sent_bytes"] += c.sent_bytes
-        return {dim: {op: dict(row) for op, row in ops.items()} for dim, ops in table.items()}
