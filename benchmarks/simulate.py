@@ -30,7 +30,8 @@ changes kernels, not collectives; it can lower the activation peak, so the estim
 with the least activation checkpointing that fits ``--budget-gib``, and lists the fastest under the
 cost model. Blocks of a stack are identical, so a mesh is traced at encoder depths 3 and 4 and the
 figures (all linear in depth) are extended to the real depth (``--exact`` traces the real depth;
-models with UNETR/SAP skip taps are always traced exactly).
+models with UNETR's skip taps are always traced exactly). Adaptive patches (SAP,
+``--arch.adaptive-patching``) cannot be traced: they pick a kernel per region size, from the data.
 
 Prints a readable report, then one JSON line with every figure.
 """
@@ -56,7 +57,6 @@ from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from ucfvit.data.loader import TreePatches
 from ucfvit.data.synthetic import SyntheticImages
 from ucfvit.parallel import CommVolume, MeshShape, clip_grad_norm_, make_mesh, parallelize, parse_mesh
 from ucfvit.parallel.cost_model import CLUSTERS, Cluster, dims_within_node, step_time
@@ -95,17 +95,10 @@ def _local_bytes(tensors) -> int:
 
 
 def _sample_batch(model, spec, cfg: Config, micro: int) -> dict[str, torch.Tensor]:
-    """``micro`` synthetic samples shaped as the run's data (patch sequences for tree-patched SAP)."""
+    """``micro`` synthetic samples shaped as the run's data."""
     shape = input_spec(model, spec)
     data = SyntheticImages(shape.img_size, shape.channels, max(2, cfg.data.num_classes), seed=cfg.run.seed)
-    samples = [data.sample(i) for i in range(micro)]
-    if getattr(model, "adaptive_patching", False) and cfg.data.patching == "tree":
-        tree = TreePatches(
-            model.patch_size, model.fixed_length, cfg.data.min_patch, cfg.data.edge_thresholds,
-            cfg.data.separate_channels,
-        )  # fmt: skip
-        samples = [tree(s) for s in samples]
-    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    return data.batch(range(micro))
 
 
 def _comm_rows(volume: CommVolume, phase: str) -> list[dict]:
@@ -137,6 +130,12 @@ def trace(cfg: Config) -> dict:
     """
     shape = parse_mesh(cfg.mesh)
     spec, model = build_checked_model(cfg, shape)
+    if getattr(model, "adaptive_patching", False):
+        raise ValueError(
+            f"--model {cfg.model} with adaptive patches (--arch.adaptive-patching; SAP always) cannot be traced: "
+            "they pick a kernel per region size, from the data. Simulate the same options without them (--model "
+            "unetr for SAP) on an image of as many patches as --arch.fixed-length"
+        )
     params = sum(p.numel() for p in model.parameters())
     flops = train_flops_per_sample(model, pooled_head=spec.pooled_head)
     local = cfg.data.global_batch_size // shape.dp_size
@@ -179,8 +178,7 @@ def trace(cfg: Config) -> dict:
         except (DataDependentOutputException, DynamicOutputShapeException) as err:
             raise ValueError(
                 f"--model {cfg.model}: its forward depends on tensor values ({err.func}), which a trace without "
-                "data cannot follow (SAP's adaptive patches pick a kernel per region size); simulate --model "
-                "unetr with the same --arch options for its encoder's memory and communication"
+                "data cannot follow"
             ) from None
         tracker = FSDPMemTracker(model, optimizer)
         tracker.track_inputs(tuple(batch.values()))
@@ -234,7 +232,7 @@ def trace_at_depth(cfg: Config, exact: bool = False) -> dict:
     """:func:`trace`, or (unless ``exact``) traces at encoder depths 3 and 4 extended linearly to the
     real depth: middle blocks are identical and add identical memory, FLOPs and collectives (depth 2
     has no middle block, so FSDP's prefetch buffer is missing from its peak). Models whose skip taps
-    depend on the depth (UNETR, SAP) and depths below 5 are traced exactly."""
+    depend on the depth (UNETR) and depths below 5 are traced exactly."""
     _, model = build_checked_model(cfg, parse_mesh(cfg.mesh))
     depth = len(model.blocks)
     if exact or depth < 5 or getattr(model, "taps", ()):

@@ -150,7 +150,8 @@ CARELESS = [
     (["--mesh", "2x2x2", "--budget-gib", "-1"], "--budget-gib"),
     (["--mesh", "2x2x2", "--compute-efficiency", "2"], "--compute-efficiency"),
     (["--mesh", "2x2x2", "--optim.lr", "-1"], "--optim.lr"),
-    (["--mesh", "2x2x2", "--model", "sap"], "depends on tensor values"),
+    (["--mesh", "2x2x2", "--model", "sap"], "--arch.adaptive-patching"),
+    (["--mesh", "2x2x2", "--arch.adaptive-patching", "True", "--arch.fixed-length", "46"], "cannot be traced"),
 ]
 
 
