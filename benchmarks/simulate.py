@@ -61,7 +61,7 @@ from ucfvit.data.synthetic import SyntheticImages
 from ucfvit.parallel import CommVolume, MeshShape, clip_grad_norm_, make_mesh, parallelize, parse_mesh
 from ucfvit.parallel.cost_model import CLUSTERS, Cluster, dims_within_node, step_time
 from ucfvit.train.cli import parse
-from ucfvit.train.config import Config, ConfigError
+from ucfvit.train.config import Config, ConfigError, dotted_options, read_config_file
 from ucfvit.train.data_setup import input_spec
 from ucfvit.train.metrics import train_flops_per_sample
 from ucfvit.train.optim import param_groups
@@ -445,6 +445,16 @@ def _own_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sets_global_batch(argv: list[str]) -> bool:
+    """Whether the command line or its ``--config`` file sets the global batch."""
+    if any(a.startswith(("--data.global-batch-size", "--data.global_batch_size")) for a in argv):
+        return True
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    path = pre.parse_known_args(argv)[0].config
+    return path is not None and "data.global_batch_size" in dotted_options(read_config_file(path))
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Config, Cluster]:
     """The simulator's own options, the training config (GPU recipe) and the cluster; ValueError on misuse."""
     own, rest = _own_parser().parse_known_args(argv)
@@ -476,7 +486,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Config, Cluster]:
     cfg = parse(rest, __doc__.splitlines()[0], accelerator=True)
     cfg.parallel.compile = False
     shape = parse_mesh(cfg.mesh)
-    if not any(a.startswith("--data.global-batch-size") or a.startswith("--data.global_batch_size") for a in rest):
+    if not _sets_global_batch(rest):
         cfg.data.global_batch_size = shape.world_size  # one sample per GPU
     check_ranges(cfg)
     return own, cfg, cluster

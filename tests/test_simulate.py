@@ -175,3 +175,14 @@ def test_careless_command_lines_are_one_line_errors():
     for (argv, says), got in zip(CARELESS, run_ranks(1, "test_simulate:careless", CARELESS)[0], strict=True):
         code, message = got.split("|", 1)
         assert code == "2" and says in message and message.count("\n") == 1, (argv, message)
+
+
+def test_global_batch_comes_from_the_command_line_or_the_config_file(tmp_path):
+    """One sample per GPU only when neither the flags nor a --config file set it."""
+    from benchmarks.simulate import parse_args
+
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"model": "vit", "data": {"global_batch_size": 64}}))
+    assert parse_args(DEBUG + ["--mesh", "2x2x2"])[1].data.global_batch_size == 8
+    assert parse_args(DEBUG + ["--mesh", "2x2x2", "--data.global-batch-size", "32"])[1].data.global_batch_size == 32
+    assert parse_args(DEBUG + ["--mesh", "2x2x2", "--config", str(config)])[1].data.global_batch_size == 64
