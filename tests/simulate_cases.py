@@ -94,6 +94,7 @@ def fsdp_allocation(argv: list[str]) -> dict:
     _, cfg, _ = parse_args(argv)
     shape = parse_mesh(cfg.mesh)
     _, model = build_checked_model(cfg, shape)
+    numel = sum(p.numel() for p in model.parameters())
     fake_world(shape.world_size)
     parallelize(model, make_mesh(shape, device_type="cpu"), param_dtype=torch.bfloat16)
     total, params = 0, 0
@@ -104,7 +105,7 @@ def fsdp_allocation(argv: list[str]) -> dict:
                     data = fsdp_param._sharded_param_data
                     total += data.numel() * data.element_size()
                     params += 1
-    return {"bytes": total, "fsdp_params": params, "model_params": len(list(model.parameters()))}
+    return {"bytes": total, "fsdp_params": params, "model_params": len(list(model.parameters())), "numel": numel}
 
 
 def extrapolated_and_exact(argv: list[str]) -> dict:

@@ -186,3 +186,14 @@ def test_global_batch_comes_from_the_command_line_or_the_config_file(tmp_path):
     assert parse_args(DEBUG + ["--mesh", "2x2x2"])[1].data.global_batch_size == 8
     assert parse_args(DEBUG + ["--mesh", "2x2x2", "--data.global-batch-size", "32"])[1].data.global_batch_size == 32
     assert parse_args(DEBUG + ["--mesh", "2x2x2", "--config", str(config)])[1].data.global_batch_size == 64
+
+
+def test_a_15b_vit_on_4096_ranks_holds_its_share_of_the_weights():
+    """What the removed memory_per_rank test checked: each rank of 16x32x8 holds ~1/(fsdp*tp) of a
+    15.1B ViT's fp32 weights (FSDP's padded shards)."""
+    argv = ["--model", "vit", "--size", "huge", "--mesh", "16x32x8",
+            "--arch.embed-dim", "5120", "--arch.depth", "48", "--arch.num-heads", "40"]  # fmt: skip
+    r = run_ranks(1, "simulate_cases:fsdp_allocation", argv)[0]
+    assert r["numel"] > 15e9 and r["fsdp_params"] == r["model_params"]
+    ideal = r["numel"] * 4 / (32 * 8)
+    assert abs(r["bytes"] - ideal) / ideal < 0.05, r
