@@ -177,15 +177,19 @@ def test_careless_command_lines_are_one_line_errors():
         assert code == "2" and says in message and message.count("\n") == 1, (argv, message)
 
 
-def test_global_batch_comes_from_the_command_line_or_the_config_file(tmp_path):
-    """One sample per GPU only when neither the flags nor a --config file set it."""
+def global_batches(config: str) -> list[int]:
+    """The global batch ``parse_args`` resolves: default, from a flag, from a --config file."""
     from benchmarks.simulate import parse_args
 
+    argvs = [[], ["--data.global-batch-size", "32"], ["--config", config]]
+    return [parse_args(DEBUG + ["--mesh", "2x2x2", *argv])[1].data.global_batch_size for argv in argvs]
+
+
+def test_global_batch_comes_from_the_command_line_or_the_config_file(tmp_path):
+    """One sample per GPU only when neither the flags nor a --config file set it."""
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"model": "vit", "data": {"global_batch_size": 64}}))
-    assert parse_args(DEBUG + ["--mesh", "2x2x2"])[1].data.global_batch_size == 8
-    assert parse_args(DEBUG + ["--mesh", "2x2x2", "--data.global-batch-size", "32"])[1].data.global_batch_size == 32
-    assert parse_args(DEBUG + ["--mesh", "2x2x2", "--config", str(config)])[1].data.global_batch_size == 64
+    assert run_ranks(1, "test_simulate:global_batches", str(config))[0] == [8, 32, 64]
 
 
 def test_a_15b_vit_on_4096_ranks_holds_its_share_of_the_weights():
