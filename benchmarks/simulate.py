@@ -58,7 +58,7 @@ from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from ucfvit.data.synthetic import SyntheticImages
-from ucfvit.parallel import CommVolume, MeshShape, clip_grad_norm_, make_mesh, parallelize, parse_mesh
+from ucfvit.parallel import CommVolume, MeshShape, clip_grad_norm_, make_mesh, parallelize, parse_mesh, resolve_wrap
 from ucfvit.parallel.cost_model import CLUSTERS, Cluster, dims_within_node, step_time
 from ucfvit.train.cli import parse
 from ucfvit.train.config import Config, ConfigError, dotted_options, read_config_file
@@ -66,7 +66,7 @@ from ucfvit.train.data_setup import input_spec
 from ucfvit.train.metrics import train_flops_per_sample
 from ucfvit.train.optim import param_groups
 from ucfvit.train.ranges import check_ranges
-from ucfvit.train.trainer import accumulate_gradients, build_checked_model, compute_dtype
+from ucfvit.train.trainer import accumulate_gradients, build_checked_model
 
 GIB = 2**30
 _COMM_NUMBERS = ("count", "payload_bytes", "sent_bytes")
@@ -143,13 +143,7 @@ def trace(cfg: Config) -> dict:
     accum = local // micro
     fake_world(shape.world_size)
     mesh = make_mesh(shape, device_type="cpu")
-    parallelize(
-        model, mesh,
-        param_dtype=compute_dtype(cfg.parallel.param_dtype, "cuda"),
-        activation_checkpointing=cfg.parallel.activation_checkpointing,
-        sequence_parallel=cfg.parallel.sequence_parallel,
-        reshard_after_forward=cfg.parallel.reshard_after_forward,
-    )  # fmt: skip
+    parallelize(model, mesh, **cfg.parallel.parallelize_options("cuda"))  # the GPU recipe: bf16 over fp32
     real_batch = _sample_batch(model, spec, cfg, micro)
     device = torch.device("cpu")
     with warnings.catch_warnings(), FakeTensorMode(allow_non_fake_inputs=True) as fake:
@@ -256,7 +250,10 @@ def figures(cfg: Config, traced: dict, cluster: Cluster) -> dict:
     world, global_batch = shape.world_size, cfg.data.global_batch_size
     recompute = 4 / 3 if cfg.parallel.activation_checkpointing == "full" else 1.0
     model_flops_per_rank = traced["flops_per_sample"] * global_batch / world
-    cost = step_time(traced["comm"], model_flops_per_rank * recompute, shape, cluster, global_batch)
+    per_block = resolve_wrap(cfg.parallel.wrap, shape.fsdp, shape.tp) == "blocks"
+    cost = step_time(
+        traced["comm"], model_flops_per_rank * recompute, shape, cluster, global_batch, fsdp_overlaps=per_block
+    )
     cost["mfu"] = model_flops_per_rank / (cost["step_s"] * cluster.peak_tflops * 1e12)
     mem = traced["memory"]
     per_dim: dict[str, dict] = {}

@@ -262,10 +262,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
             raise SweepError(f"--extra for --models {model}:{size}: {err}") from None
         for tp in sorted({shape.tp for found in by_nodes.values() for _, shape in found}):
             try:
-                check_parallelizable(
-                    net, tp, sequence_parallel=cfg.parallel.sequence_parallel,
-                    activation_checkpointing=cfg.parallel.activation_checkpointing, compile=cfg.parallel.compile,
-                )  # fmt: skip
+                check_parallelizable(net, tp, **cfg.parallel.checked_options())
             except ValueError as err:
                 raise SweepError(f"--meshes with tp={tp} for --models {model}:{size}: {err}") from None
         for kind in kinds:

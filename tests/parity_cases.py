@@ -108,7 +108,7 @@ def _max_abs(a: dict, b: dict) -> tuple[float, str]:
 
 
 def parity(family: str, cases: list[dict], overrides: dict | None = None, inputs: str | None = None) -> list[dict]:
-    """Run each case ``{"mesh", "sp", "ac", "bf16", "accum", "compile", "model"}`` (``model``: keyword
+    """Run each case ``{"mesh", "sp", "ac", "bf16", "accum", "compile", "wrap", "model"}`` (``model``: keyword
     overrides of the model, over ``overrides``); on rank 0, report its deviations from the reference
     built with the same overrides (other ranks return an empty list)."""
     torch.set_num_threads(1)
@@ -128,6 +128,7 @@ def parity(family: str, cases: list[dict], overrides: dict | None = None, inputs
             activation_checkpointing=case.get("ac", "none"),
             param_dtype=torch.bfloat16 if case.get("bf16") else None,
             compile=case.get("compile", False),
+            wrap=case.get("wrap", "auto"),
         )  # fmt: skip
         rows = local_batch_range(mesh, GLOBAL_BATCH)
         runs.append((case, train(model, family, rows, case.get("accum", 1), mesh, inputs)))

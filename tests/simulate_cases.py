@@ -12,7 +12,7 @@ from benchmarks.simulate import fake_world, parse_args, trace, trace_at_depth
 from ucfvit.data.synthetic import SyntheticImages
 from ucfvit.parallel import CommVolume, clip_grad_norm_, local_batch_range, make_mesh, parallelize, parse_mesh
 from ucfvit.train.optim import build_optimizer
-from ucfvit.train.trainer import accumulate_gradients, build_checked_model, compute_dtype
+from ucfvit.train.trainer import accumulate_gradients, build_checked_model
 
 
 def _key(row: dict) -> str:
@@ -51,12 +51,7 @@ def _real_step(argv: list[str]) -> dict:
     shape = parse_mesh(cfg.mesh)
     spec, model = build_checked_model(cfg, shape)
     mesh = make_mesh(shape)
-    parallelize(
-        model, mesh,
-        param_dtype=compute_dtype(cfg.parallel.param_dtype, "cuda"),  # as the simulator: the GPU recipe's bf16
-        activation_checkpointing=cfg.parallel.activation_checkpointing,
-        sequence_parallel=cfg.parallel.sequence_parallel,
-    )  # fmt: skip
+    parallelize(model, mesh, **cfg.parallel.parallelize_options("cuda"))  # as the simulator: the GPU recipe's bf16
     model.to_empty(device="cpu")
     torch.manual_seed(0)
     model.init_weights()

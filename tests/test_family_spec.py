@@ -23,6 +23,7 @@ from ucfvit.models.registry import FAMILIES, model_arguments
 from ucfvit.train.cli import parse
 from ucfvit.train.config import ARCH_OPTIONS, ArchConfig, Config, load_config
 from ucfvit.train.model_options import INTERNAL, options_table
+from ucfvit.train.optim import build_optimizer
 from ucfvit.train.presets import preset
 from ucfvit.train.trainer import model_kwargs
 
@@ -123,6 +124,20 @@ def test_recipes_take_the_family_defaults():
     assert preset("vit", accelerator=False).arch.num_classes == 3
     assert preset("mae", accelerator=False).arch.num_classes is None  # mae has no classes
     assert preset("mae", accelerator=True).arch.patch_size == 16
+
+
+@pytest.mark.parametrize("model", ["vit", "mae", "unetr", "sap", "diffusion"])
+def test_gpu_recipes_train_fast_by_default(model):
+    # on a GPU: bf16 compute over fp32 master weights, compiled (whole-model where the mesh shards
+    # nothing), fused AdamW; on a CPU: fp32 and eager, so a laptop run starts at once
+    gpu = preset(model, accelerator=True).parallel
+    assert (gpu.param_dtype, gpu.compile, gpu.wrap) == ("bfloat16", True, "auto")
+    options = gpu.parallelize_options("cuda")
+    assert options["param_dtype"] is torch.bfloat16 and options["compile"] is True and options["wrap"] == "auto"
+    cpu = preset(model, accelerator=False).parallel
+    assert cpu.parallelize_options("cpu")["param_dtype"] is None and cpu.compile is False
+    cfg = preset(model, accelerator=True)
+    assert build_optimizer(torch.nn.Linear(2, 2), cfg, "cuda").defaults["fused"] is True
 
 
 # ---------------------------------------------------------------- --config FILE

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from ucfvit.models import build_model
-from ucfvit.parallel import apply_ac, apply_compile, check_parallelizable
+from ucfvit.parallel import apply_ac, apply_compile, check_parallelizable, resolve_wrap
 
 
 def meta(family: str = "vit", **kwargs):
@@ -73,3 +73,12 @@ def test_apply_ac_and_compile_alone_keep_values_and_gradients(mode):
     assert set(model.state_dict()) == set(ref.state_dict())
     for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_wrap_auto_makes_the_root_the_only_unit_where_the_mesh_shards_nothing():
+    assert resolve_wrap("auto", fsdp=1, tp=1) == "model"  # 1x1x1 and pure replication Nx1x1
+    assert resolve_wrap("auto", fsdp=2, tp=1) == "blocks"
+    assert resolve_wrap("auto", fsdp=1, tp=2) == "blocks"
+    assert resolve_wrap("blocks", fsdp=1, tp=1) == "blocks" and resolve_wrap("model", fsdp=8, tp=1) == "model"
+    with pytest.raises(ValueError, match=r"wrap='root' is unknown; choose one of \('auto', 'model', 'blocks'\)"):
+        check_parallelizable(meta(), 1, wrap="root")

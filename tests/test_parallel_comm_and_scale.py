@@ -29,9 +29,11 @@ def test_fsdp_gathers_and_reduce_scatters_per_unit_and_nothing_else():
     }
 
 
-def test_pure_replication_is_one_all_reduce_per_unit():
-    counts = run_ranks(2, "comm_cases:comm_counts", "2x1x1", DEPTH)[0]
-    assert counts == {"forward": {}, "backward": {"allreduce_": 4}}
+@pytest.mark.parametrize(("wrap", "units"), [("auto", 1), ("blocks", DEPTH + 1)])
+def test_pure_replication_is_one_all_reduce_per_unit(wrap, units):
+    # wrap="auto" on a mesh that shards nothing: the root is the only unit, one all-reduce after backward
+    counts = run_ranks(2, "comm_cases:comm_counts", "2x1x1", DEPTH, {"wrap": wrap})[0]
+    assert counts == {"forward": {}, "backward": {"allreduce_": units}}
 
 
 def _per_block(deep: dict, shallow: dict) -> dict:

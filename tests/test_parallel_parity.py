@@ -24,6 +24,8 @@ CASES = {
         {"mesh": "1x1x1"},
         {"mesh": "1x1x1", "accum": 2},
         {"mesh": "1x1x1", "bf16": True},
+        # whole-model compile (wrap="auto" on a mesh that shards nothing) around checkpointed blocks
+        {"mesh": "1x1x1", "compile": "aot_eager", "ac": "selective"},
     ],
     2: [
         {"mesh": "2x1x1"},
@@ -37,6 +39,11 @@ CASES = {
         # torch.compile per block (aot_eager: the graph capture and AOT autograd of inductor,
         # without generating C++ on a CPU runner) with TP, sequence parallel and selective AC.
         {"mesh": "1x1x2", "sp": True, "ac": "selective", "compile": "aot_eager"},
+        # the root as the only FSDP unit: whole-model compile on pure replication (auto), and by choice
+        # on FSDP and on tensor parallel with sequence parallelism
+        {"mesh": "2x1x1", "compile": "aot_eager"},
+        {"mesh": "1x2x1", "wrap": "model", "bf16": True},
+        {"mesh": "1x1x2", "sp": True, "ac": "selective", "compile": "aot_eager", "wrap": "model"},
     ],
     8: [
         {"mesh": "2x2x2"},
@@ -75,7 +82,7 @@ def check(results: list[dict]) -> None:
     assert results, "rank 0 reported nothing"
     for r in results:
         tol = BF16 if r.get("bf16") else FP32
-        label = {k: v for k, v in r.items() if k in ("mesh", "sp", "ac", "bf16", "accum", "compile", "model")}
+        label = {k: v for k, v in r.items() if k in ("mesh", "sp", "ac", "bf16", "accum", "compile", "wrap", "model")}
         assert r["same_names"], f"{label}: parameter names differ from the unparallelized model"
         assert r["loss_diff"] <= tol["loss"], f"{label}: loss differs by {r['loss_diff']:.2e}"
         assert r["grad_diff"] <= tol["grad"], f"{label}: gradient of {r['grad_name']} differs by {r['grad_diff']:.2e}"

@@ -118,6 +118,10 @@ def test_cost_model_arithmetic():
     assert t["compute_s"] == pytest.approx(0.5)
     assert t["step_s"] == pytest.approx(0.5 + (10 * 14 * 5e-6 + 1.0) + (2 * 3 * 10e-6 + 1.0 - 0.5))
     assert t["samples_per_s"] == pytest.approx(64 / t["step_s"])
+    # the root as the only FSDP unit (wrap="model"): its collectives come before forward and after
+    # backward, so they are waited for in full
+    whole = step_time([tp, fsdp], flops, shape, frontier, global_batch=64, fsdp_overlaps=False)
+    assert whole["step_s"] == pytest.approx(0.5 + (10 * 14 * 5e-6 + 1.0) + (2 * 3 * 10e-6 + 1.0))
 
 
 def test_search_ranks_meshes_that_fit_the_budget():

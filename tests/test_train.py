@@ -205,13 +205,13 @@ def test_checkpoint_keys_do_not_depend_on_activation_checkpointing_or_compile(tm
 
 
 def test_compile_keeps_module_names():
-    import torch
-
     from ucfvit.models import build_model
+    from ucfvit.parallel import apply_compile
 
     model = build_model("vit", "debug")
     names = sorted(model.state_dict())
-    for block in model.blocks:
-        block.compile()  # what parallelize(compile=True) does; compilation itself is lazy
+    apply_compile(model.blocks)  # what parallelize(compile=True, wrap="blocks") does; compilation is lazy
+    apply_compile([model])  # and wrap="model"
     assert sorted(model.state_dict()) == names
-    assert isinstance(model.blocks[0], torch.nn.Module)
+    modules = sorted(n for n, _ in build_model("vit", "debug").named_modules())
+    assert sorted(n for n, _ in model.named_modules()) == modules

@@ -12,6 +12,7 @@ from .comm_volume import Collective, CommVolume
 from .mesh import MESH_DIMS, MeshShape, make_mesh, mesh_device_type, parse_mesh
 from .parallelize import (
     AC_MODES,
+    WRAP_MODES,
     apply_ac,
     apply_compile,
     apply_fsdp,
@@ -19,14 +20,17 @@ from .parallelize import (
     check_parallelizable,
     dp_mesh_of,
     parallelize,
+    resolve_wrap,
 )
 from .plans import ModelPlan, SequenceParallelBlock, plan_for, register_plan, vit_plan
 from .samples import data_parallel_info, local_batch_range, sample_rng
 from .state_dict import full_state_dict
 
 __all__ = [
-    "AC_MODES", "MESH_DIMS", "Collective", "CommVolume", "MeshShape", "ModelPlan", "SequenceParallelBlock",
+    "AC_MODES", "MESH_DIMS", "WRAP_MODES", "Collective", "CommVolume", "MeshShape", "ModelPlan",
+    "SequenceParallelBlock",
     "apply_ac", "apply_compile", "apply_fsdp", "apply_tp", "check_parallelizable", "clip_grad_norm_",
     "data_parallel_info", "dp_mesh_of", "full_state_dict", "local_batch_range", "make_mesh", "mesh_device_type",
-    "parallelize", "parse_mesh", "plan_for", "register_plan", "sample_rng", "vit_plan",
+    "parallelize", "parse_mesh", "plan_for", "register_plan", "resolve_wrap", "sample_rng",
+    "vit_plan",
 ]  # fmt: skip

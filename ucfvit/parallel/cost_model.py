@@ -15,6 +15,8 @@ collective (mesh dimension, group size, bytes, whether FSDP or DTensor issued it
 - **overlap**: FSDP's collectives (c10d, on their own stream, prefetched one block ahead) overlap the
   compute of forward and backward; DTensor's tensor-parallel collectives and those after backward
   (gradient clipping) are waited for. Step = compute + waited comm + max(0, FSDP comm - compute).
+  With the root as the only FSDP unit (``parallelize(wrap="model")``) FSDP's collectives come
+  before forward and after backward, so they are waited for too.
 
 It leaves out: kernel launch and Python overhead, memory-bound kernels (norms, GELU, softmax
 outside fused attention), congestion between concurrent groups, and the data loader. It ranks
@@ -90,17 +92,20 @@ def collective_seconds(row: dict, shape, cluster: Cluster) -> float:
     return row["count"] * row["ring_steps"] * latency * 1e-6 + row["sent_bytes"] / (gbps * 1e9)
 
 
-def step_time(comm: list[dict], flops_per_rank: float, shape, cluster: Cluster, global_batch: int) -> dict:
+def step_time(
+    comm: list[dict], flops_per_rank: float, shape, cluster: Cluster, global_batch: int, fsdp_overlaps: bool = True
+) -> dict:
     """Seconds per step and its parts for one rank (see the module docstring).
 
     ``comm``: rows of ``phase`` (``forward_backward`` or ``after_backward``), ``dims``, ``op``,
-    ``functional``, ``count``, ``ring_steps`` (per call) and ``sent_bytes`` (all calls)."""
+    ``functional``, ``count``, ``ring_steps`` (per call) and ``sent_bytes`` (all calls).
+    ``fsdp_overlaps``: FSDP has a unit per block (False: the root is the only unit)."""
     compute = flops_per_rank / (cluster.peak_tflops * 1e12 * cluster.compute_efficiency)
     waited: dict[str, float] = {}
     overlapped: dict[str, float] = {}
     for row in comm:
         t = collective_seconds(row, shape, cluster)
-        hidden = row["phase"] == "forward_backward" and not row["functional"]
+        hidden = fsdp_overlaps and row["phase"] == "forward_backward" and not row["functional"]
         table = overlapped if hidden else waited
         table[row["dims"]] = table.get(row["dims"], 0.0) + t
     exposed_fsdp = max(0.0, sum(overlapped.values()) - compute)

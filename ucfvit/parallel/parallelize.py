@@ -9,6 +9,15 @@ Order (as in torchtitan): tensor parallel -> activation checkpointing -> compile
 block -> FSDP on the root. TP first because FSDP shards the DTensors TP creates; AC and compile
 wrap the block's forward before FSDP adds its hooks around the module call, so each block's
 all-gather/reduce-scatter stays outside the compiled and recomputed region.
+
+The units FSDP and ``torch.compile`` wrap (``wrap``): ``"blocks"`` makes each block an FSDP unit
+and a compiled graph of its own, so a block's all-gather overlaps the previous block's compute
+and only one block's parameters are gathered at a time. ``"model"`` makes the root the only FSDP
+unit and compiles the whole forward as one graph: fusion across blocks and around them, fewer
+kernel launches, one copy-in of the bf16 parameters per step; what a mesh that shards nothing
+(1x1x1, pure replication Nx1x1) wants, and ``"auto"`` picks it there (``"blocks"`` elsewhere).
+Its price on a replication mesh: the gradient all-reduce runs after backward instead of
+overlapping it.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from .plans import (
 
 __all__ = [
     "AC_MODES",
+    "WRAP_MODES",
     "apply_ac",
     "apply_compile",
     "apply_fsdp",
@@ -47,9 +57,11 @@ __all__ = [
     "check_parallelizable",
     "dp_mesh_of",
     "parallelize",
+    "resolve_wrap",
 ]
 
 AC_MODES = ("none", "full", "selective")
+WRAP_MODES = ("auto", "model", "blocks")
 
 register_plan(VisionTransformer, vit_plan)
 
@@ -81,10 +93,13 @@ def _validate(
     sequence_parallel: bool,
     activation_checkpointing: str,
     compile: bool | str,
+    wrap: str,
 ) -> tuple[dict[str, StyleSpec], list[nn.Module]]:
     """:func:`check_parallelizable`; returns the tensor-parallel plan and the block modules."""
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tp={tp!r} must be a positive integer (the size of the mesh's tp dimension)")
+    if wrap not in WRAP_MODES:
+        raise ValueError(f"wrap={wrap!r} is unknown; choose one of {WRAP_MODES}")
     if activation_checkpointing not in AC_MODES:
         raise ValueError(f"activation_checkpointing={activation_checkpointing!r} is unknown; choose one of {AC_MODES}")
     if compile and activation_checkpointing == "full" and tp > 1:
@@ -117,6 +132,7 @@ def check_parallelizable(
     sequence_parallel: bool = False,
     activation_checkpointing: str = "none",
     compile: bool | str = False,
+    wrap: str = "auto",
 ) -> None:
     """Raise the ``ValueError`` :func:`parallelize` would raise for these options on a mesh whose
     tp dimension has size ``tp`` (the mesh's dimension names aside), and return otherwise.
@@ -126,10 +142,20 @@ def check_parallelizable(
     instead of hanging a collective. Checks: a tensor-parallel plan exists (registered or given),
     every plan style is known and every plan and block pattern matches a module (at any ``tp``),
     ``tp`` divides every head count and sharded Linear dim, the activation-checkpointing mode is
-    known and is supported with ``compile``.
+    known and is supported with ``compile``, ``wrap`` is known.
     The keyword arguments mean what they mean for :func:`parallelize`.
     """
-    _validate(model, tp, plan, blocks, sequence_parallel, activation_checkpointing, compile)
+    _validate(model, tp, plan, blocks, sequence_parallel, activation_checkpointing, compile, wrap)
+
+
+def resolve_wrap(wrap: str, fsdp: int, tp: int) -> str:
+    """``"model"`` or ``"blocks"``: what ``wrap`` means on a mesh with these fsdp and tp sizes
+    (``"auto"``: ``"model"`` when both are 1, the mesh then sharding nothing; see the module doc)."""
+    if wrap not in WRAP_MODES:
+        raise ValueError(f"wrap={wrap!r} is unknown; choose one of {WRAP_MODES}")
+    if wrap != "auto":
+        return wrap
+    return "model" if fsdp == 1 and tp == 1 else "blocks"
 
 
 # --- the steps, in the order parallelize applies them ----------------------------------------------
@@ -201,15 +227,18 @@ def apply_ac(blocks: Iterable[nn.Module], mode: str) -> None:
         _checkpoint_forward(block, mode)
 
 
-def apply_compile(blocks: Iterable[nn.Module], backend: str | None = None) -> None:
-    """``torch.compile`` each of ``blocks`` in place (``backend``: default inductor), with static shapes.
+def apply_compile(modules: Iterable[nn.Module], backend: str | None = None) -> None:
+    """``torch.compile`` the forward of each of ``modules`` in place (``backend``: default inductor),
+    with static shapes: the blocks, or the root alone for a whole-model graph.
 
-    Per block rather than the whole model, so FSDP's hooks around each block stay outside the graph.
+    The forward is compiled, not the module call, so the hooks FSDP adds around the call stay
+    outside the graph; module names and state-dict keys are unchanged.
     """
-    for block in blocks:
+    options = {"dynamic": False, **({"backend": backend} if backend else {})}
+    for module in modules:
         # dynamic=False: encoder and decoder blocks share Block.forward, and a recompile for the
         # decoder's shapes must not switch to dynamic shapes (which fails under DTensor in torch 2.13).
-        block.compile(dynamic=False, **({"backend": backend} if backend else {}))
+        module.forward = torch.compile(module.forward, **options)
 
 
 def _shard_placement(param: nn.Parameter, shards: int) -> Shard | None:
@@ -277,11 +306,14 @@ def parallelize(
     compile: bool | str = False,
     reshard_after_forward: bool = True,
     sequence_parallel: bool = False,
+    wrap: str = "auto",
 ) -> nn.Module:
     """Parallelize ``model`` in place over a ``("ddp", "fsdp", "tp")`` mesh and return it.
 
     Validates everything first (:func:`check_parallelizable`), then applies :func:`apply_tp`
     (if tp > 1), :func:`apply_ac`, :func:`apply_compile` and :func:`apply_fsdp` in that order.
+    The defaults are those of plain training on one device; the GPU recipes add ``param_dtype``
+    bf16 and ``compile=True``.
 
     Args:
         model: any module; built-in families bring their plan. Preferably on the meta device,
@@ -289,16 +321,21 @@ def parallelize(
         mesh: from :func:`ucfvit.parallel.make_mesh`.
         plan: tensor-parallel plan ``{"pattern": "colwise"|"rowwise"|ParallelStyle}`` (``*`` = one
             name segment) or a :class:`ModelPlan`; default: the registered plan of the model.
-        blocks: patterns of the repeated blocks (FSDP units, AC, compile); default: the plan's.
+        blocks: patterns of the repeated blocks (AC; FSDP units and compile with ``wrap="blocks"``);
+            default: the plan's.
         param_dtype: compute dtype of parameters (e.g. ``torch.bfloat16``) over fp32 master weights.
         reduce_dtype: gradient reduction dtype.
         activation_checkpointing: ``"none"``, ``"full"`` or ``"selective"`` (per block).
-        compile: ``torch.compile`` each block (True, or a backend name). With tp > 1 combine it
-            with ``"selective"`` checkpointing: ``"full"`` fails in torch 2.13 and is refused.
+        compile: ``torch.compile`` (True, or a backend name): each block or the whole forward, as
+            ``wrap`` says. With tp > 1 combine it with ``"selective"`` checkpointing: ``"full"``
+            fails in torch 2.13 and is refused.
         reshard_after_forward: free gathered parameters of inner blocks after forward; the root
             and the last block always keep them (backward needs them first).
         sequence_parallel: Megatron-style sequence parallelism (tp > 1): blocks pass token shards to
             each other; see :mod:`ucfvit.parallel.plans`.
+        wrap: ``"blocks"`` (an FSDP unit and a compiled graph per block), ``"model"`` (the root is
+            the only unit; the whole forward is one graph) or ``"auto"``: ``"model"`` on meshes
+            with fsdp = tp = 1, else ``"blocks"`` (see the module doc; :func:`resolve_wrap`).
     """
     if tuple(mesh.mesh_dim_names or ()) != MESH_DIMS:
         raise ValueError(
@@ -306,17 +343,20 @@ def parallelize(
         )
     tp = mesh["tp"].size()
     # Validate everything from the config alone before any collective (all ranks agree).
-    tp_plan, block_modules = _validate(model, tp, plan, blocks, sequence_parallel, activation_checkpointing, compile)
+    tp_plan, block_modules = _validate(
+        model, tp, plan, blocks, sequence_parallel, activation_checkpointing, compile, wrap
+    )
+    units = block_modules if resolve_wrap(wrap, mesh["fsdp"].size(), tp) == "blocks" else []
     # Order: TP -> AC -> compile -> FSDP (see the module docstring for why).
     if tp > 1:
         apply_tp(model, mesh["tp"], tp_plan)
     apply_ac(block_modules, activation_checkpointing)
     if compile:
-        apply_compile(block_modules, backend=compile if isinstance(compile, str) else None)
+        apply_compile(units or [model], backend=compile if isinstance(compile, str) else None)
     apply_fsdp(
         model,
         dp_mesh_of(mesh),
-        block_modules,
+        units,
         param_dtype=param_dtype,
         reduce_dtype=reduce_dtype,
         reshard_after_forward=reshard_after_forward,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import torch
 import tyro
 
 from ucfvit.data.config import DataConfig, DatasetConfig
@@ -130,12 +131,32 @@ class ParallelConfig:
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     """Recompute activations per block in backward."""
     compile: bool = False
-    """torch.compile each block."""
+    """torch.compile the model (each block, or the whole forward: see ``--parallel.wrap``); on in the GPU recipes."""
+    wrap: Literal["auto", "model", "blocks"] = "auto"
+    """Units of FSDP and compile: ``blocks`` (one per block: all-gathers overlap compute, one block gathered at a
+    time) or ``model`` (the root only: one whole-model graph, one copy-in of bf16 weights, but every parameter
+    gathered at once and gradients reduced after backward); ``auto``: ``model`` when fsdp = tp = 1, else ``blocks``."""
     sequence_parallel: bool = False
     """Megatron-style sequence parallelism (tp > 1): the residual stream between blocks, norms and residual adds
     stay split along tokens over tp; attention and MLP gather their input and reduce-scatter their output."""
     reshard_after_forward: bool = True
     """Free gathered parameters of inner blocks after forward."""
+
+    def checked_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``ucfvit.parallel.check_parallelizable`` (``parallelize`` takes them too)."""
+        return {
+            "sequence_parallel": self.sequence_parallel, "activation_checkpointing": self.activation_checkpointing,
+            "compile": self.compile, "wrap": self.wrap,
+        }  # fmt: skip
+
+    def parallelize_options(self, device_type: str) -> dict[str, Any]:
+        """The keyword arguments of ``ucfvit.parallelize`` for a run on ``device_type`` (``param_dtype``
+        ``auto``: bf16 on GPUs, the fp32 master weights on CPU)."""
+        bf16 = self.param_dtype == "bfloat16" or (self.param_dtype == "auto" and device_type == "cuda")
+        return {
+            **self.checked_options(), "param_dtype": torch.bfloat16 if bf16 else None,
+            "reshard_after_forward": self.reshard_after_forward,
+        }  # fmt: skip
 
 
 @dataclass

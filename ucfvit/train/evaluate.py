@@ -34,7 +34,7 @@ from .export import read_export_spec
 from .init_from import load_into, prepare_pretrained
 from .metrics import format_metrics
 from .ranges import check_ranges
-from .trainer import compute_dtype, model_kwargs
+from .trainer import model_kwargs
 
 __all__ = ["EvaluateConfig", "evaluate"]
 
@@ -113,7 +113,7 @@ def evaluate(args: EvaluateConfig) -> dict[str, Any]:
         shape = parse_mesh(cfg.mesh, world_size())
         with torch.device("meta"):
             model = build_model(cfg.model, cfg.model_size, **model_kwargs(cfg))
-        check_parallelizable(model, shape.tp, compile=cfg.parallel.compile)
+        check_parallelizable(model, shape.tp, **cfg.parallel.checked_options())
         check_eval(cfg, model, spec, evaluating=True)
     except ValueError as err:
         raise ConfigError(str(err)) from err
@@ -124,8 +124,7 @@ def evaluate(args: EvaluateConfig) -> dict[str, Any]:
 
     mesh = make_mesh(shape, timeout=datetime.timedelta(seconds=cfg.run.collective_timeout))
     device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
-    parallelize(model, mesh, param_dtype=compute_dtype(cfg.parallel.param_dtype, device.type),
-                compile=cfg.parallel.compile, sequence_parallel=cfg.parallel.sequence_parallel)  # fmt: skip
+    parallelize(model, mesh, **cfg.parallel.parallelize_options(device.type))
     model.to_empty(device=device)
     model.init_weights()
     load_into(model, pretrained)

@@ -39,6 +39,7 @@ from ucfvit.parallel import (
     make_mesh,
     parallelize,
     parse_mesh,
+    resolve_wrap,
     sample_rng,
 )  # fmt: skip
 from ucfvit.parallel.mesh import world_size
@@ -193,12 +194,7 @@ def build_checked_model(cfg: Config, shape: MeshShape) -> tuple[FamilySpec, nn.M
             f"(--data.num-classes): use --arch.num-classes {cfg.data.num_classes}"
         )
     try:  # everything parallelize would refuse on this mesh, from the config alone
-        check_parallelizable(
-            model, shape.tp,
-            sequence_parallel=cfg.parallel.sequence_parallel,
-            activation_checkpointing=cfg.parallel.activation_checkpointing,
-            compile=cfg.parallel.compile,
-        )  # fmt: skip
+        check_parallelizable(model, shape.tp, **cfg.parallel.checked_options())
     except ValueError as err:
         raise ValueError(
             f"{cfg.model}/{cfg.model_size} on mesh {shape}: {err} (--arch.num-heads / --arch.decoder-num-heads, "
@@ -336,11 +332,17 @@ def _peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (host RSS)
 
 
-def compute_dtype(param_dtype: str, device_type: str) -> torch.dtype | None:
-    """``--parallel.param-dtype`` as parallelize's ``param_dtype`` (None: the fp32 master weights)."""
-    return {"float32": None, "bfloat16": torch.bfloat16, "auto": torch.bfloat16 if device_type == "cuda" else None}[
-        param_dtype
-    ]
+def _describe_parallel(cfg: Config, shape: MeshShape, device_type: str) -> str:
+    """One line: the FSDP/compile units parallelize uses, the compute dtype and activation checkpointing."""
+    options = cfg.parallel.parallelize_options(device_type)
+    wrap = resolve_wrap(cfg.parallel.wrap, shape.fsdp, shape.tp)
+    units = "one FSDP unit (the root)" if wrap == "model" else "an FSDP unit per block"
+    compiled = ("whole-model" if wrap == "model" else "per-block") + " compile" if cfg.parallel.compile else "eager"
+    dtype = "bf16 compute over fp32 weights" if options["param_dtype"] is not None else "fp32"
+    return (
+        f"parallelize: --parallel.wrap {cfg.parallel.wrap} -> {wrap}: {units}, {compiled}; {dtype}; "
+        f"activation checkpointing {cfg.parallel.activation_checkpointing}"
+    )
 
 
 def _validate(evaluator: Evaluator, step: int, run_dir: Path, rank: int) -> dict:
@@ -419,6 +421,7 @@ def _train(cfg: Config, plan: RunPlan, lock: RunLock, watchdog: Watchdog, hooks:
         lock.start_heartbeat()
         prepare_run_dir(plan.run, cfg.to_dict())
         print(f"ucfvit: {cfg.model}/{cfg.model_size} on mesh {cfg.mesh} ({device_type}), run dir {run_dir}", flush=True)
+        print(_describe_parallel(cfg, plan.shape, device_type), flush=True)
         print(json.dumps(cfg.to_dict(), indent=2), flush=True)
         print(plan.run.describe(), flush=True)
     dist.barrier()
@@ -426,14 +429,7 @@ def _train(cfg: Config, plan: RunPlan, lock: RunLock, watchdog: Watchdog, hooks:
     watchdog.progress(None, "data index")
     data = prepare_data(cfg.data, input_spec(model, plan.spec), dp_size, cfg.run.seed, run_dir, rank)
 
-    parallelize(
-        model, mesh,
-        param_dtype=compute_dtype(cfg.parallel.param_dtype, device_type),
-        activation_checkpointing=cfg.parallel.activation_checkpointing,
-        compile=cfg.parallel.compile,
-        sequence_parallel=cfg.parallel.sequence_parallel,
-        reshard_after_forward=cfg.parallel.reshard_after_forward,
-    )  # fmt: skip
+    parallelize(model, mesh, **cfg.parallel.parallelize_options(device_type))
     model.to_empty(device=device)
     torch.manual_seed(cfg.run.seed)
     model.init_weights()
