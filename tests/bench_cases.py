@@ -1,5 +1,6 @@
-"""Worker side of the benchmark-harness tests: run benchmarks/mfu.py in-process (the repository is on
-PYTHONPATH in a run_ranks worker) and return its JSON lines, with timm replaced by a stand-in when asked."""
+"""Worker side of the benchmark tests: run benchmarks/mfu.py or bf16_curve.py in-process (the repository
+is on PYTHONPATH in a run_ranks worker) and return their JSON lines; mfu.py with timm replaced by a
+stand-in when asked."""
 
 from __future__ import annotations
 
@@ -53,8 +54,19 @@ def mfu(argv: list[str], stand_in_timm: bool = False, oom: str | None = None) ->
             return variant
 
         setattr(bench, oom, out_of_memory)
+    return {**_run(bench.main, argv), "timm_calls": TIMM_CALLS}
+
+
+def bf16_curve(argv: list[str]) -> dict:
+    """``benchmarks/bf16_curve.py argv``: exit code, JSON records and stderr."""
+    from benchmarks import bf16_curve as bench
+
+    return _run(bench.main, argv)
+
+
+def _run(main, argv: list[str]) -> dict:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = bench.main(argv)
-    records = [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
-    return {"code": code, "records": records, "stderr": err.getvalue()[-3000:], "timm_calls": TIMM_CALLS}
+        code = main(argv)
+    records = [json.loads(line) for line in out.getvalue().splitlines() if line.startswith('{"')]
+    return {"code": code, "records": records, "stderr": err.getvalue()[-3000:]}
