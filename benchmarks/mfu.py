@@ -231,7 +231,7 @@ def ceiling(case: Case, batch: int, rest: list[str], device: torch.device, backe
     data = random_batch(model, batch, device, torch.bfloat16)
 
     def step(i: int) -> None:
-        spec.loss(model, data, SampleRNG(cfg.run.seed, i, 0, batch), extra).backward()
+        spec.loss(model, data, SampleRNG(cfg.run.seed, i, 0, batch, device=device), extra).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

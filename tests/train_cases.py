@@ -104,3 +104,60 @@ def checkpoint_keys(model: str, argv: list[str]) -> list[str]:
     """Keys a checkpoint of this configuration holds (model state dict, after one training run)."""
     result = train(config(model, argv))
     return sorted(get_model_state_dict(result.model))
+
+
+def host_syncs(model: str, argv: list[str]) -> dict:
+    """Train with the GPU recipe's fused AdamW while a dispatch mode watches the device-side work of each
+    step (the family's loss, backward, gradient clipping, the finite check, the optimizer step) for
+    operators that make the host read a device value (``.item()``, ``float(t)``, ``bool(t)``, shapes
+    that depend on data). Integer scalars are not counted: DTensor reads shard offsets from host index
+    tensors. Reports the steps and every such operator with the line of ucfvit code that ran it."""
+    import dataclasses
+    import functools
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ucfvit.models import get_family
+    from ucfvit.train import trainer as trainer_module
+
+    aten = torch.ops.aten
+    syncing = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+               aten._unique2.default, aten.equal.default, aten.is_nonzero.default}  # fmt: skip
+    seen: list[str] = []
+
+    class Syncs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            host_index = func is aten._local_scalar_dense.default and not (
+                args[0].is_floating_point() or args[0].dtype == torch.bool
+            )
+            if func in syncing and not host_index:
+                ours = [f for f in traceback.extract_stack() if "/ucfvit/" in f.filename]
+                seen.append(
+                    f"{func} at {ours[-1].filename.split('/ucfvit/')[-1]}:{ours[-1].lineno}" if ours else str(func)
+                )
+            return func(*args, **(kwargs or {}))
+
+    def watched(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            with Syncs():
+                return fn(*args, **kwargs)
+
+        return inner
+
+    spec = get_family(model)
+    trainer_module.get_family = lambda name: dataclasses.replace(spec, loss=watched(spec.loss))
+    torch.Tensor.backward = watched(torch.Tensor.backward)
+    trainer_module.clip_grad_norm_ = watched(trainer_module.clip_grad_norm_)
+    trainer_module._FiniteGuard.update_ok = watched(trainer_module._FiniteGuard.update_ok)
+    build = trainer_module.build_optimizer
+
+    def gpu_optimizer(net, cfg, device_type):
+        optimizer = build(net, cfg, "cuda")  # fused AdamW, as on a GPU (torch has a CPU kernel too)
+        optimizer.step = watched(optimizer.step)
+        return optimizer
+
+    trainer_module.build_optimizer = gpu_optimizer
+    result = train(config(model, argv))
+    return {"steps": result.steps_done, "syncs": seen}

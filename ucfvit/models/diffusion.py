@@ -124,6 +124,13 @@ class DDPMScheduler:
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
 
+    def to(self, device: torch.device | str) -> DDPMScheduler:
+        """Keep the tables on ``device`` (the model's), so a step reads them without a host-to-device copy."""
+        self.betas, self.alphas, self.alphas_cumprod = (
+            v.to(device) for v in (self.betas, self.alphas, self.alphas_cumprod)
+        )
+        return self
+
     def _at(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """values[t] shaped to broadcast against ``like`` (B, ...)."""
         out = values.to(like.device)[t.to(like.device)].to(like.dtype)
@@ -216,6 +223,6 @@ def _noise_prediction_loss(model: DiffusionViT, batch, rng: RandomSource, ddpm: 
 register_family(
     FamilySpec(
         "diffusion", DiffusionViT, loss=_noise_prediction_loss, inputs=_timestep_input,
-        extra=lambda model: DDPMScheduler(model.time_steps), evaluation=Denoising(),
+        extra=lambda model: DDPMScheduler(model.time_steps).to(next(model.parameters()).device), evaluation=Denoising(),
     )
 )  # fmt: skip

@@ -162,10 +162,12 @@ class SampleRNG:
     get bitwise the same noise however the global batch is split.
 
     Seed, step and start are kept in a small int64 tensor: under ``torch.compile`` they are
-    graph inputs, so a new step, rank or micro-batch reuses the compiled graph.
+    graph inputs, so a new step, rank or micro-batch reuses the compiled graph. ``device``: where
+    the draws happen; the tensor is copied there once, here, without waiting for the device (from
+    pinned memory on CUDA), so a forward makes no host-to-device copy and no host sync.
     """
 
-    def __init__(self, seed: int, step: int, start: int, total: int):
+    def __init__(self, seed: int, step: int, start: int, total: int, device: torch.device | str | None = None):
         if not 0 <= start < total:
             raise ValueError(f"SampleRNG: start={start} must lie in [0, total={total})")
         if total > 1 << 32:
@@ -174,7 +176,12 @@ class SampleRNG:
         self._site = 0
         keys = [k for pair in key_schedule(_key_words(self.seed)) for k in pair]
         # round keys, step, start: one tensor, so one host-to-device copy per draw
-        self._words = torch.tensor([*keys, self.step & _MASK32, self.start], dtype=torch.int64)
+        words = torch.tensor([*keys, self.step & _MASK32, self.start], dtype=torch.int64)
+        if device is not None and torch.device(device).type != "cpu":
+            if torch.device(device).type == "cuda":
+                words = words.pin_memory()
+            words = words.to(device, non_blocking=True)
+        self._words = words
 
     def _next(self, shape: Sequence[int], device, normal: bool) -> torch.Tensor:
         if not torch.compiler.is_compiling() and self.start + int(shape[0]) > self.total:

@@ -8,6 +8,7 @@ any mesh.
 
 from __future__ import annotations
 
+import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from ucfvit.models.rng import SampleRNG
@@ -33,5 +34,7 @@ def local_batch_range(mesh: DeviceMesh, global_batch: int) -> range:
 def sample_rng(mesh: DeviceMesh, seed: int, step: int, global_batch: int, micro_start: int = 0) -> SampleRNG:
     """The forward random stream of this rank at ``step``: keyed by (seed, step, global sample
     index), so the same on any mesh; ``micro_start`` offsets a gradient-accumulation micro-batch
-    within the rank's share."""
-    return SampleRNG(seed, step, local_batch_range(mesh, global_batch).start + micro_start, global_batch)
+    within the rank's share. Its words live on the mesh's device (see SampleRNG)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else None
+    start = local_batch_range(mesh, global_batch).start + micro_start
+    return SampleRNG(seed, step, start, global_batch, device=device)
