@@ -39,11 +39,8 @@ CASES = {
         # torch.compile per block (aot_eager: the graph capture and AOT autograd of inductor,
         # without generating C++ on a CPU runner) with TP, sequence parallel and selective AC.
         {"mesh": "1x1x2", "sp": True, "ac": "selective", "compile": "aot_eager"},
-        # the root as the only FSDP unit: whole-model compile on pure replication (auto), and by choice
-        # on FSDP and on tensor parallel with sequence parallelism
+        # the root as the only FSDP unit: whole-model compile on pure replication (wrap="auto")
         {"mesh": "2x1x1", "compile": "aot_eager"},
-        {"mesh": "1x2x1", "wrap": "model", "bf16": True},
-        {"mesh": "1x1x2", "sp": True, "ac": "selective", "compile": "aot_eager", "wrap": "model"},
     ],
     8: [
         {"mesh": "2x2x2"},
@@ -73,7 +70,13 @@ OPTIONS = {
 }
 OPTION_CASES = {
     1: [{"mesh": "1x1x1"}],
-    2: [{"mesh": "1x1x2", "sp": True, "ac": "selective", "compile": "aot_eager"}],
+    2: [
+        {"mesh": "1x1x2", "sp": True, "ac": "selective", "compile": "aot_eager"},
+        # the root as the only FSDP unit by choice (wrap="model"): on FSDP, and whole-model compile on
+        # tensor parallel with sequence parallelism
+        {"mesh": "1x2x1", "wrap": "model", "bf16": True},
+        {"mesh": "1x1x2", "sp": True, "ac": "selective", "compile": "aot_eager", "wrap": "model"},
+    ],
     8: [{"mesh": "2x2x2"}, {"mesh": "2x2x2", "sp": True}],
 }
 
