@@ -19,8 +19,9 @@ is not counted), MFU is against the device's dense bf16 peak (``ucfvit.train.met
 Data is random and already on the device. Each ``ucfvit`` line carries ``vs_ceiling`` and
 ``vs_timm_autocast_compiled`` (img/s ratios); a batch that runs out of memory gives a line with
 ``"oom": true``. ``--profile`` adds the ten kernels that take the most time (a table on stderr, a
-list in the JSON line). Options after the known ones go to the training recipe, e.g.
-``--parallel.activation-checkpointing full`` or ``--parallel.wrap blocks``.
+list in the JSON line) and the attention operators that ran (which SDPA backend: flash, cuDNN, ...).
+Options after the known ones go to the training recipe, e.g. ``--parallel.activation-checkpointing
+full`` or ``--parallel.wrap blocks``.
 
 Without a GPU (or with ``--tiny``) the cases are debug-size models on 32x32 images (16^3 volumes),
 so the harness itself can be tested anywhere.
@@ -274,8 +275,10 @@ def timm_variant(case: Case, batch: int, device: torch.device, backend: str | No
     return Variant(step, flops, settings)
 
 
-def top_kernels(step: Callable[[int], None], device: torch.device, start: int, steps: int = 3) -> list[dict]:
-    """The ten kernels (device) or operators (CPU) with the most self time per step; the table to stderr."""
+def profile(step: Callable[[int], None], device: torch.device, start: int, steps: int = 3) -> dict:
+    """``top_kernels``: the ten kernels (device) or operators (CPU) with the most self time per step (the
+    table goes to stderr); ``attention_ops``: the attention operators that ran, which name the SDPA
+    backend dispatched (flash, cuDNN, memory-efficient, math)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -288,10 +291,12 @@ def top_kernels(step: Callable[[int], None], device: torch.device, start: int, s
     total = sum(getattr(e, key) for e in events) or 1.0
     events.sort(key=lambda e: getattr(e, key), reverse=True)
     print(prof.key_averages().table(sort_by=key, row_limit=10), file=sys.stderr, flush=True)
-    return [
+    top = [
         {"name": e.key, "ms_per_step": getattr(e, key) / 1e3 / steps, "share": getattr(e, key) / total}
         for e in events[:10]
     ]
+    attention = sorted({e.key for e in prof.key_averages() if "scaled_dot_product" in e.key or "attention" in e.key})
+    return {"top_kernels": top, "attention_ops": attention}
 
 
 def measure(variant: Variant, args: argparse.Namespace, device: torch.device, peak: float | None) -> dict:
@@ -315,7 +320,7 @@ def measure(variant: Variant, args: argparse.Namespace, device: torch.device, pe
         "flops_per_step": variant.flops, "settings": variant.settings,
     }  # fmt: skip
     if args.profile:
-        out["top_kernels"] = top_kernels(variant.step, device, args.warmup + args.steps)
+        out |= profile(variant.step, device, args.warmup + args.steps)
     return out
 
 

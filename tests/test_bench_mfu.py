@@ -37,6 +37,8 @@ def test_every_case_runs_the_production_path_its_ceiling_and_timm(report):
         assert r["mfu"] is None and r["device"] == "cpu"  # no peak figure for a CPU
         assert r["graph_breaks"] == 0 and not r["recompiled_while_timed"], r
         assert len(r["top_kernels"]) == 10 and sum(k["share"] for k in r["top_kernels"]) <= 1 + 1e-9, r
+        # SDPA on this CPU dispatches to its flash kernel (on a GPU: flash or cuDNN, to be read off here)
+        assert "aten::_scaled_dot_product_flash_attention_for_cpu" in r["attention_ops"], r["attention_ops"]
     ours = {r["case"]: r for r in report["records"] if r["variant"] == "ucfvit"}
     rate = {(r["case"], r["variant"]): r["img_per_s"] for r in report["records"]}
     assert math.isclose(ours["vit-l16"]["vs_ceiling"], rate["vit-l16", "ucfvit"] / rate["vit-l16", "ceiling"])
