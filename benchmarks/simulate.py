@@ -1,7 +1,7 @@
 """Plan a run on thousands of GPUs from one CPU: memory and communication per rank, and a mesh search.
 
     python benchmarks/simulate.py --model vit --size giant --mesh 16x32x8
-    python benchmarks/simulate.py --model mae --size huge --mesh 4x16x8 --parallel.activation-checkpointing full
+    python benchmarks/simulate.py --model mae --size huge --mesh 4x16x8 --parallel.activation-checkpointing selective
     python benchmarks/simulate.py --model vit --arch.embed-dim 12288 --arch.depth 62 --arch.num-heads 96 \\
         --search --cluster frontier --nodes 1024 --top 8
 
@@ -23,8 +23,10 @@ has its real shape, dtype and placement, but no data and no kernels. Measured on
 Every option of ``recipes/train.py`` applies (the GPU recipe: bf16 compute over fp32 weights), e.g.
 ``--data.global-batch-size``, ``--parallel.activation-checkpointing``, ``--parallel.sequence-parallel``
 and ``--arch.*``; ``--size`` is ``--model-size``. Without ``--data.global-batch-size`` the global
-batch is one sample per GPU. The step runs eagerly: ``--parallel.compile`` is ignored (compiling
-changes kernels, not collectives; it can lower the activation peak, so the estimate is on the high side).
+batch is one sample per GPU. The step runs eagerly (compiling changes kernels, not collectives; it can
+lower the activation peak, so the estimate is on the high side), but ``--parallel.compile`` (on in the
+GPU recipe) still decides what the trainer accepts: full checkpointing of tensor-parallel blocks cannot
+be compiled in torch 2.13, so it needs ``--parallel.no-compile`` (the search skips it otherwise).
 
 ``--search`` traces every mesh of ``--nodes`` x the cluster's GPUs per node that the model allows,
 with the least activation checkpointing that fits ``--budget-gib``, and lists the fastest under the
@@ -143,7 +145,8 @@ def trace(cfg: Config) -> dict:
     accum = local // micro
     fake_world(shape.world_size)
     mesh = make_mesh(shape, device_type="cpu")
-    parallelize(model, mesh, **cfg.parallel.parallelize_options("cuda"))  # the GPU recipe: bf16 over fp32
+    options = cfg.parallel.parallelize_options("cuda")  # the GPU recipe: bf16 over fp32
+    parallelize(model, mesh, **{**options, "compile": False})  # traced eagerly
     real_batch = _sample_batch(model, spec, cfg, micro)
     device = torch.device("cpu")
     with warnings.catch_warnings(), FakeTensorMode(allow_non_fake_inputs=True) as fake:
@@ -338,7 +341,8 @@ _STATE_BYTES_PER_PARAM = 16
 def evaluate_mesh(cfg: Config, shape: MeshShape, cluster: Cluster, budget_gib: float, exact: bool) -> dict:
     """The figures of ``shape`` with the least activation checkpointing that fits ``budget_gib``, or why
     none fits: ``{"mesh", "figures"}`` or ``{"mesh", "why"}``. Full checkpointing is tried first (if it
-    does not fit, nothing does), then none and selective."""
+    does not fit, nothing does), then none and selective. Full checkpointing the trainer would refuse
+    (compiled tensor-parallel blocks) is skipped."""
     base = copy.deepcopy(cfg)
     base.mesh = str(shape)
     base.parallel.sequence_parallel = cfg.parallel.sequence_parallel and shape.tp > 1
@@ -349,10 +353,15 @@ def evaluate_mesh(cfg: Config, shape: MeshShape, cluster: Cluster, budget_gib: f
     states = sum(p.numel() for p in model.parameters()) * _STATE_BYTES_PER_PARAM / (shape.fsdp * shape.tp) / GIB
     if states > budget_gib:
         return {"mesh": str(shape), "why": f"weights, gradients and AdamW state alone are {states:.1f} GiB"}
-    tried = {}
+    tried, refused = {}, None
     for ac in ("full", "none", "selective"):
         trial = copy.deepcopy(base)
         trial.parallel.activation_checkpointing = ac
+        try:
+            build_checked_model(trial, shape)
+        except ValueError as err:
+            refused = str(err)
+            continue
         try:
             tried[ac] = figures(trial, trace_at_depth(trial, exact), cluster)
         except Exception as err:  # noqa: BLE001 (one mesh torch cannot build must not end the search)
@@ -365,6 +374,10 @@ def evaluate_mesh(cfg: Config, shape: MeshShape, cluster: Cluster, budget_gib: f
             }
         if ac != "full" and fits:
             return {"mesh": str(shape), "figures": tried[ac]}
+    if "full" not in tried:
+        peak = min(t["memory_gib"]["peak"] for t in tried.values()) if tried else float("nan")
+        return {"mesh": str(shape), "why": f"peak {peak:.3g} GiB without full checkpointing, which is refused "
+                f"here ({refused}); --parallel.no-compile allows it"}  # fmt: skip
     return {"mesh": str(shape), "figures": tried["full"]}
 
 
@@ -481,7 +494,6 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Config, Cluster]:
     if own.jobs < 1:
         raise ValueError(f"--jobs={own.jobs} must be at least 1")
     cfg = parse(rest, __doc__.splitlines()[0], accelerator=True)
-    cfg.parallel.compile = False
     shape = parse_mesh(cfg.mesh)
     if not _sets_global_batch(rest):
         cfg.data.global_batch_size = shape.world_size  # one sample per GPU

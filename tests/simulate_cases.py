@@ -107,3 +107,24 @@ def extrapolated_and_exact(argv: list[str]) -> dict:
     """:func:`trace_at_depth` extended from depths 3 and 4, and the real depth traced."""
     _, cfg, _ = parse_args(argv)
     return {"extended": trace_at_depth(cfg), "exact": trace_at_depth(cfg, exact=True)}
+
+
+def checkpointing_choices(argv: list[str], mesh: str) -> dict:
+    """What the search picks for ``mesh`` at budgets between the peaks of its checkpointing modes, with
+    the GPU recipe's compile and with ``--parallel.no-compile``."""
+    from benchmarks.simulate import evaluate_mesh
+
+    _, cfg, cluster = parse_args([*argv, "--mesh", mesh])
+    shape = parse_mesh(mesh)
+    _, loose, _ = parse_args([*argv, "--mesh", mesh, "--parallel.no-compile"])
+    peaks = {}
+    for ac in ("full", "none", "selective"):
+        trial = type(loose).from_dict(loose.to_dict())
+        trial.parallel.activation_checkpointing = ac
+        peaks[ac] = trace(trial)["memory"]["peak"] / 2**30
+    budget = (peaks["full"] + min(peaks["none"], peaks["selective"])) / 2  # only full fits
+    return {
+        "peaks": peaks,
+        "compiled": evaluate_mesh(cfg, shape, cluster, budget, exact=True),
+        "eager": evaluate_mesh(loose, shape, cluster, budget, exact=True),
+    }

@@ -144,6 +144,16 @@ def test_search_ranks_meshes_that_fit_the_budget():
     assert fits[0]["mesh"] in table and "meshes fit" in done.stdout
 
 
+def test_search_skips_full_checkpointing_the_compiling_trainer_would_refuse():
+    # 2x2x2 at a budget only full checkpointing fits: with the GPU recipe's compile the mesh is rejected
+    # with the way out; with --parallel.no-compile it fits with full checkpointing
+    argv = [*DEBUG, "--data.global-batch-size", "64"]
+    got = run_ranks(1, "simulate_cases:checkpointing_choices", argv, "2x2x2", timeout=300)[0]
+    assert got["peaks"]["full"] < min(got["peaks"]["none"], got["peaks"]["selective"]), got["peaks"]
+    assert "figures" not in got["compiled"] and "--parallel.no-compile allows it" in got["compiled"]["why"], got
+    assert got["eager"]["figures"]["activation_checkpointing"] == "full", got["eager"]
+
+
 CARELESS = [
     (["--mesh", "2x2x2", "--search", "--nodes", "1"], "--search picks the mesh"),
     (["--search"], "--search needs --nodes"),
@@ -155,6 +165,8 @@ CARELESS = [
     (["--mesh", "2x2x2", "--compute-efficiency", "2"], "--compute-efficiency"),
     (["--mesh", "2x2x2", "--optim.lr", "-1"], "--optim.lr"),
     (["--mesh", "2x2x2", "--model", "sap"], "--arch.adaptive-patching"),
+    # the GPU recipe compiles, and torch 2.13 cannot compile fully checkpointed tensor-parallel blocks
+    (["--mesh", "1x1x2", "--parallel.activation-checkpointing", "full"], "with compile=True and tp > 1"),
     (["--mesh", "2x2x2", "--arch.adaptive-patching", "True", "--arch.fixed-length", "46"], "cannot be traced"),
 ]
 
