@@ -5,7 +5,7 @@
     bash sweeps/frontier-vit/submit_all.sh           # sbatch every script (arguments go to sbatch)
     python benchmarks/collect.py sweeps/frontier-vit # results.csv, results.md, plots
     python benchmarks/sweep.py --system dgx --account A --partition batch --nodes 1 2 4 --models vit:huge \\
-        --meshes auto "ddp=*,fsdp=4,tp=2" --extra="--parallel.activation-checkpointing full" \\
+        --meshes auto "ddp=*,fsdp=4,tp=2" --extra="--parallel.activation-checkpointing selective" \\
         --launcher-args="--image /lustre/me/ucfvit.sqsh --mounts /lustre/data:/lustre/data"
 
 A run is one (model:size, scaling kind, node count, mesh). Weak scaling keeps the work per GPU:
