@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 from torch.utils.flop_counter import FlopCounterMode
 
-from ucfvit.models import SampleRNG, build_model
+from ucfvit.models import SampleRNG, build_model, get_family
 from ucfvit.parallel import apply_compile, clip_grad_norm_, make_mesh, parallelize, parse_mesh
 from ucfvit.train.cli import parse
 from ucfvit.train.config import Config, ConfigError
@@ -170,12 +170,11 @@ class Variant:
     settings: dict
 
 
-def production(case: Case, batch: int, rest: list[str], device: torch.device, backend: str | None) -> Variant:
-    """ucfvit as recipes/train.py runs it on a 1x1x1 mesh."""
-    cfg = recipe(case, batch, rest)
+def production(cfg: Config, flops: float, device: torch.device, backend: str | None) -> Variant:
+    """ucfvit as recipes/train.py runs ``cfg`` on a 1x1x1 mesh."""
+    batch = cfg.data.global_batch_size
     shape = parse_mesh(cfg.mesh, 1)
     spec, model = build_checked_model(cfg, shape)
-    flops = _spec_flops(spec, cfg, batch)
     mesh = make_mesh(shape, device_type=device.type)
     options = cfg.parallel.parallelize_options(device.type)
     if options["compile"] and backend:
@@ -204,19 +203,18 @@ def production(case: Case, batch: int, rest: list[str], device: torch.device, ba
     return Variant(step, flops, settings)
 
 
-def _spec_flops(spec, cfg: Config, batch: int) -> float:
-    """FLOPs of one step of the family's loss on a meta-device copy of the model."""
+def recipe_flops(cfg: Config) -> float:
+    """FLOPs of one step of ``cfg``'s family loss, on a meta-device copy of its model."""
+    spec, batch = get_family(cfg.model), cfg.data.global_batch_size
     with torch.device("meta"):
         model = build_model(cfg.model, cfg.model_size, **model_kwargs(cfg))
     data = random_batch(model, batch, "meta")
     return count_flops(lambda: spec.loss(model, data, SampleRNG(SEED, 0, 0, batch), spec.build_extra(model)))
 
 
-def ceiling(case: Case, batch: int, rest: list[str], device: torch.device, backend: str | None) -> Variant:
-    """The same model with every parameter in bf16, compiled whole, no FSDP."""
-    cfg = recipe(case, batch, rest)
-    spec, _ = build_checked_model(cfg, parse_mesh(cfg.mesh, 1))
-    flops = _spec_flops(spec, cfg, batch)
+def ceiling(cfg: Config, flops: float, device: torch.device, backend: str | None) -> Variant:
+    """``cfg``'s model with every parameter in bf16, compiled whole, no FSDP."""
+    spec, batch = get_family(cfg.model), cfg.data.global_batch_size
     with torch.device(device):
         model = build_model(cfg.model, cfg.model_size, **model_kwargs(cfg))
     torch.manual_seed(SEED)
@@ -324,18 +322,20 @@ def measure(variant: Variant, args: argparse.Namespace, device: torch.device, pe
     return out
 
 
-def run_case(name: str, case: Case, batch: int, args, rest: list[str], device: torch.device) -> list[dict]:
-    """Every variant of one case at one batch size: the JSON records, the ucfvit one last with its ratios."""
-    peak = peak_flops(device)
+def run_case(name: str, case: Case, cfg: Config, args, device: torch.device) -> list[dict]:
+    """Every variant of one case at the batch size of its recipe ``cfg``: the JSON records, the ucfvit
+    one last with its ratios."""
+    peak, batch = peak_flops(device), cfg.data.global_batch_size
+    flops = recipe_flops(cfg)  # the same model in the ceiling and the production path
     base = {
         "case": name, "model": case.model, "size": case.size, "img_size": list(case.img_size), "patch": case.patch,
         "batch": batch, "steps": args.steps, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else "cpu", "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }  # fmt: skip
-    builders = {"ceiling": lambda: ceiling(case, batch, rest, device, args.backend)}
+    builders = {"ceiling": lambda: ceiling(cfg, flops, device, args.backend)}
     if args.compare == "timm" and case.timm:
         builders["timm"] = lambda: timm_variant(case, batch, device, args.backend)
-    builders["ucfvit"] = lambda: production(case, batch, rest, device, args.backend)
+    builders["ucfvit"] = lambda: production(cfg, flops, device, args.backend)
     records = {}
     for label, build in builders.items():
         torch._dynamo.reset()
@@ -345,8 +345,7 @@ def run_case(name: str, case: Case, batch: int, args, rest: list[str], device: t
             record["img_per_s"] = batch / (record["step_ms"] / 1e3)
         except torch.OutOfMemoryError:
             record = {**base, "variant": label, "oom": True}
-        graph_breaks = sum(counters["graph_break"].values())
-        record["graph_breaks"] = graph_breaks
+        record["graph_breaks"] = sum(counters["graph_break"].values())
         records[label] = record
         gc.collect()
         if device.type == "cuda":
@@ -367,8 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         args, rest = parse_args(sys.argv[1:] if argv is None else argv)
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         tiny = args.tiny or device.type != "cuda"
-        cases = [(n, CASES[n].tiny() if tiny else CASES[n]) for n in args.cases]
-        for name, case in cases:  # every option checked before anything runs
+        runs = []
+        for name in args.cases:  # every option checked before anything runs
+            case = CASES[name].tiny() if tiny else CASES[name]
             for batch in args.batch or [case.batch]:
                 cfg = recipe(case, batch, rest)  # a bad flag: tyro prints it and exits 2
                 check_ranges(cfg)
@@ -376,10 +376,10 @@ def main(argv: list[str] | None = None) -> int:
                     build_checked_model(cfg, parse_mesh(cfg.mesh, 1))
                 except ValueError as err:
                     raise BenchError(f"--cases {name} --batch {batch}: {err}") from None
-        for name, case in cases:
-            for batch in args.batch or [case.batch]:
-                for record in run_case(name, case, batch, args, rest, device):
-                    print(json.dumps(record), flush=True)
+                runs.append((name, case, cfg))
+        for name, case, cfg in runs:
+            for record in run_case(name, case, cfg, args, device):
+                print(json.dumps(record), flush=True)
     except (BenchError, ConfigError) as err:
         print(f"mfu.py: error: {err}", file=sys.stderr)
         return 2

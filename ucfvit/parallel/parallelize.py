@@ -98,8 +98,7 @@ def _validate(
     """:func:`check_parallelizable`; returns the tensor-parallel plan and the block modules."""
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tp={tp!r} must be a positive integer (the size of the mesh's tp dimension)")
-    if wrap not in WRAP_MODES:
-        raise ValueError(f"wrap={wrap!r} is unknown; choose one of {WRAP_MODES}")
+    resolve_wrap(wrap, fsdp=1, tp=tp)  # an unknown mode is an error on any mesh
     if activation_checkpointing not in AC_MODES:
         raise ValueError(f"activation_checkpointing={activation_checkpointing!r} is unknown; choose one of {AC_MODES}")
     if compile and activation_checkpointing == "full" and tp > 1:
