@@ -66,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bf16_curve.py: error: --steps {args.steps} must be at least twice --window {args.window} (>= 1)",
               file=sys.stderr)  # fmt: skip
         return 2
+    if args.run_dir is not None:  # before training anything: nothing there is overwritten
+        root = Path(args.run_dir)
+        taken = [root / d for d in ("float32", "bfloat16") if (root / d).exists()]
+        if (root.exists() and not root.is_dir()) or taken:
+            why = f"holds {', '.join(map(str, taken))}" if taken else "is not a directory"
+            print(f"bf16_curve.py: error: --run-dir {root} {why}; pick a new --run-dir", file=sys.stderr)
+            return 2
     tiny = args.tiny or not torch.cuda.is_available()
     shape = ["--model-size", "debug", "--arch.img-size", "32", "32", "--arch.patch-size", "4"] if tiny else []
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,7 +22,19 @@ def test_bf16_compute_follows_the_fp32_loss_curve(tmp_path):
     assert (tmp_path / "bfloat16" / "metrics.jsonl").exists() and (tmp_path / "float32" / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize(("argv", "message"), [(["--steps", "10"], "must be at least twice --window 10")])
-def test_careless_input_is_one_line(argv, message):
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--steps", "10"], "must be at least twice --window 10"),
+        (["--run-dir", "{tmp}/file"], "{tmp}/file is not a directory; pick a new --run-dir"),
+        (["--run-dir", "{tmp}"], "{tmp} holds {tmp}/float32; pick a new --run-dir"),
+    ],
+)
+def test_careless_input_is_one_line(tmp_path, argv, message):
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "float32").mkdir()  # an earlier run's
+    (tmp_path / "float32" / "metrics.jsonl").write_text("{}")
+    argv = [a.format(tmp=tmp_path) for a in argv]
     got = run_ranks(1, "bench_cases:bf16_curve", argv, timeout=120)[0]
-    assert got["code"] == 2 and message in got["stderr"], got
+    assert got["code"] == 2 and message.format(tmp=tmp_path) in got["stderr"], got
+    assert (tmp_path / "file").read_text() == "mine" and (tmp_path / "float32" / "metrics.jsonl").read_text() == "{}"
