@@ -14,7 +14,7 @@ The units FSDP and ``torch.compile`` wrap (``wrap``): ``"blocks"`` makes each bl
 and a compiled graph of its own, so a block's all-gather overlaps the previous block's compute
 and only one block's parameters are gathered at a time. ``"model"`` makes the root the only FSDP
 unit and compiles the whole forward as one graph: fusion across blocks and around them, fewer
-kernel launches, one copy-in of the bf16 parameters per step; what a mesh that shards nothing
+kernel launches, one copy-in of the bf16 parameters per forward; what a mesh that shards nothing
 (1x1x1, pure replication Nx1x1) wants, and ``"auto"`` picks it there (``"blocks"`` elsewhere).
 Its price on a replication mesh: the gradient all-reduce runs after backward instead of
 overlapping it.
