@@ -36,7 +36,7 @@ from ucfvit.data.config import DataConfig  # noqa: E402
 from ucfvit.data.dataset import InputSpec, build_dataset  # noqa: E402
 from ucfvit.data.index import build_index  # noqa: E402
 from ucfvit.data.loader import build_loader, keep_freed_memory  # noqa: E402
-from ucfvit.data.patching import adaptive_patches  # noqa: E402
+from ucfvit.data.quadtree import adaptive_patches  # noqa: E402
 from ucfvit.data.readers import get_reader  # noqa: E402
 
 

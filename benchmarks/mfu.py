@@ -15,7 +15,7 @@ optimizer) after ``--warmup`` steps (which absorb compilation):
 
 FLOPs per step are counted by ``torch.utils.flop_counter.FlopCounterMode`` on the meta device
 (forward and backward of each variant's own model; recomputation under activation checkpointing
-is not counted), MFU is against the device's dense bf16 peak (``ucfvit.train.metrics.PEAK_BF16``).
+is not counted), MFU is against the device's dense bf16 peak (``ucfvit.train.throughput.PEAK_BF16``).
 Data is random and already on the device. Each ``ucfvit`` line carries ``vs_ceiling`` and
 ``vs_timm_autocast_compiled`` (img/s ratios); a batch that runs out of memory gives a line with
 ``"oom": true``. ``--profile`` adds the ten kernels that take the most time (a table on stderr, a
@@ -57,10 +57,11 @@ from ucfvit.models import SampleRNG, build_model, get_family
 from ucfvit.parallel import apply_compile, clip_grad_norm_, make_mesh, parallelize, parse_mesh
 from ucfvit.train.cli import parse
 from ucfvit.train.config import Config, ConfigError
-from ucfvit.train.metrics import peak_flops
 from ucfvit.train.optim import build_optimizer
+from ucfvit.train.plan import build_checked_model, model_kwargs
 from ucfvit.train.ranges import check_ranges
-from ucfvit.train.trainer import accumulate_gradients, build_checked_model, model_kwargs
+from ucfvit.train.throughput import peak_flops
+from ucfvit.train.trainer import accumulate_gradients
 
 SEED = 0
 

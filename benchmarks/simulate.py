@@ -65,10 +65,11 @@ from ucfvit.parallel.cost_model import CLUSTERS, Cluster, dims_within_node, step
 from ucfvit.train.cli import parse
 from ucfvit.train.config import Config, ConfigError, dotted_options, read_config_file
 from ucfvit.train.data_setup import input_spec
-from ucfvit.train.metrics import train_flops_per_sample
 from ucfvit.train.optim import param_groups
+from ucfvit.train.plan import build_checked_model
 from ucfvit.train.ranges import check_ranges
-from ucfvit.train.trainer import accumulate_gradients, build_checked_model
+from ucfvit.train.throughput import train_flops_per_sample
+from ucfvit.train.trainer import accumulate_gradients
 
 GIB = 2**30
 _COMM_NUMBERS = ("count", "payload_bytes", "sent_bytes")

@@ -54,9 +54,9 @@ from ucfvit.models import build_model, get_family, list_sizes
 from ucfvit.parallel import MeshShape, check_parallelizable, parse_mesh
 from ucfvit.train.cli import parse
 from ucfvit.train.config import ConfigError
-from ucfvit.train.metrics import PEAK_BF16
+from ucfvit.train.plan import model_kwargs
 from ucfvit.train.ranges import check_ranges
-from ucfvit.train.trainer import model_kwargs
+from ucfvit.train.throughput import PEAK_BF16
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,8 @@ from benchmarks.simulate import fake_world, parse_args, trace, trace_at_depth
 from ucfvit.data.synthetic import SyntheticImages
 from ucfvit.parallel import CommVolume, clip_grad_norm_, local_batch_range, make_mesh, parallelize, parse_mesh
 from ucfvit.train.optim import build_optimizer
-from ucfvit.train.trainer import accumulate_gradients, build_checked_model
+from ucfvit.train.plan import build_checked_model
+from ucfvit.train.trainer import accumulate_gradients
 
 
 def _key(row: dict) -> str:

@@ -11,9 +11,9 @@ from conftest import FAMILIES
 from distributed import run_ranks
 from test_parallel_parity import check
 from ucfvit.models import PatchSequence, SampleRNG, build_model, get_family, grid_patches, pad_sequence
-from ucfvit.models.adaptive import paint, region_owner
 from ucfvit.models.layers import attention
-from ucfvit.train.metrics import train_flops_per_sample
+from ucfvit.models.patch_sequence import paint, region_owner
+from ucfvit.train.throughput import train_flops_per_sample
 
 ADAPTIVE = {"adaptive_patching": True, "fixed_length": 16}
 CLASSES = {"vit": 3, "unetr": 3, "sap": 3}

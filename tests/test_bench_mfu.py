@@ -13,7 +13,7 @@ import torch
 
 from distributed import run_ranks
 from ucfvit.models import build_model
-from ucfvit.train.metrics import train_flops_per_sample
+from ucfvit.train.throughput import train_flops_per_sample
 
 FAST = ["--steps", "1", "--warmup", "1", "--backend", "aot_eager"]
 
@@ -62,7 +62,7 @@ def test_timm_is_asked_for_its_model_of_the_case(report):
 
 
 def test_flops_agree_with_the_analytic_count(report):
-    # FlopCounterMode counts what runs; the analytic count (ucfvit.train.metrics) the matmuls, 3x forward
+    # FlopCounterMode counts what runs; the analytic count (ucfvit.train.throughput) the matmuls, 3x forward
     # (the patch embedding's input gradient, which is not computed, makes the difference)
     ours = {r["case"]: r for r in report["records"] if r["variant"] == "ucfvit"}
     for case, family, arch in [("vit-l16", "vit", {}), ("mae-l16", "mae", {"mask_ratio": 0.75})]:

@@ -26,15 +26,9 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadIte
 
 from distributed import run_ranks
 from ucfvit.train import checkpoint as ckpt_module
-from ucfvit.train.checkpoint import (
-    MANIFEST_FORMAT,
-    Checkpointer,
-    CheckpointError,
-    find_checkpoint,
-    is_complete,
-    verify_checkpoint,
-    verify_structure,
-)
+from ucfvit.train.checkpoint import Checkpointer, CheckpointError, find_checkpoint, is_complete
+from ucfvit.train.dcp_reader import SafeReader, verify_checkpoint
+from ucfvit.train.manifest import MANIFEST_FORMAT, verify_structure
 
 # The single-process tests save and load without a process group, which DCP warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -316,7 +310,7 @@ def test_optimizer_hyperparameters_and_state_round_trip_exactly(tmp_path):
 def test_reader_refuses_byte_io_items(tmp_path):
     model, optimizer = tiny(lr=1e-3, betas=(0.9, 0.95))
     ckpt = Checkpointer(tmp_path, keep=1).save(1, model, optimizer, {}, {})
-    reader = ckpt_module._SafeReader(ckpt, verify_structure(ckpt))
+    reader = SafeReader(ckpt, verify_structure(ckpt))
     reader.set_up_storage_reader(reader.read_metadata(), True)
     index = next(iter(reader.storage_data))
     item = ReadItem(LoadItemType.BYTE_IO, MetadataIndex("optim.param_groups.0.lr"), [], index, [], [])

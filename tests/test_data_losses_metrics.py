@@ -8,7 +8,7 @@ from ucfvit.data import SyntheticImages
 from ucfvit.models import SampleRNG, build_model
 from ucfvit.models.losses import dice_losses, segmentation_loss, segmentation_losses
 from ucfvit.models.rng import randn
-from ucfvit.train.metrics import train_flops_per_sample
+from ucfvit.train.throughput import train_flops_per_sample
 
 
 def test_synthetic_samples_are_a_function_of_seed_and_index():

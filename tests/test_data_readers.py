@@ -485,7 +485,7 @@ def test_fortran_ordered_data_is_reordered_exactly(shape, dtype):
     data = np.asfortranarray((RNG.normal(size=shape) * 40).astype(dtype))
     fortran_spatial = np.stack([np.asfortranarray(c) for c in data])  # channels outermost, x fastest
     for source in (data, fortran_spatial, fortran_spatial[:, 1:8, ::2], fortran_spatial[:, ::2, 1:9]):
-        out = readers._float32_c(source)
+        out = readers.base.float32_c(source)
         assert out.flags.c_contiguous and out.dtype == np.float32
         np.testing.assert_array_equal(out, source.astype(np.float32))
 

@@ -21,7 +21,7 @@ from ucfvit.eval.plots import plot_run, plot_runs, read_metrics
 from ucfvit.models import build_model
 from ucfvit.models.tasks import Classification, EvalOptions, Panel, Reconstruction, Segmentation
 from ucfvit.train.config import ConfigError
-from ucfvit.train.trainer import validate_config
+from ucfvit.train.plan import validate_config
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 OPTIONS = EvalOptions()

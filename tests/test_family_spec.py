@@ -24,8 +24,8 @@ from ucfvit.train.cli import parse
 from ucfvit.train.config import ARCH_OPTIONS, ArchConfig, Config, load_config
 from ucfvit.train.model_options import INTERNAL, options_table
 from ucfvit.train.optim import build_optimizer
+from ucfvit.train.plan import model_kwargs
 from ucfvit.train.presets import preset
-from ucfvit.train.trainer import model_kwargs
 
 
 # ---------------------------------------------------------------- a family defined only here

@@ -17,8 +17,8 @@ import torch
 from distributed import run_ranks
 from ucfvit.train.checkpoint import find_checkpoint
 from ucfvit.train.cli import parse
+from ucfvit.train.plan import validate_config
 from ucfvit.train.run_dir import LOCK
-from ucfvit.train.trainer import validate_config
 
 ROOT = Path(__file__).parents[1]
 TINY = ["--arch.img-size", "16", "16", "--data.global-batch-size", "4", "--metrics.log-every", "1"]

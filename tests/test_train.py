@@ -134,7 +134,7 @@ def test_bad_options_fail_on_every_rank_before_any_collective(world, argv, match
 
 def test_fewer_model_classes_than_data_classes_is_refused(tmp_path):
     from ucfvit.train.cli import parse
-    from ucfvit.train.trainer import validate_config
+    from ucfvit.train.plan import validate_config
 
     cfg = parse(["--model", "vit", "--arch.num-classes", "2", "--run.dir", str(tmp_path)])
     with pytest.raises(ValueError, match=r"--arch.num-classes=2 is smaller than the 3 classes of the data"):
@@ -145,7 +145,7 @@ def test_fewer_model_classes_than_data_classes_is_refused(tmp_path):
 def test_resume_compares_the_resolved_model_options(tmp_path):
     """The preset's depth spelled out resumes; a real difference is refused naming both values."""
     from ucfvit.train.cli import parse
-    from ucfvit.train.trainer import validate_config
+    from ucfvit.train.plan import validate_config
 
     common = ["--run.dir", str(tmp_path), "--checkpoint.resume", "auto"]
     run_ranks(1, "train_cases:run", "mae", ["--max-steps", "1", *common])

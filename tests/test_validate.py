@@ -21,10 +21,10 @@ from ucfvit.models.registry import resolved_model_kwargs
 from ucfvit.models.rng import keyed_rand
 from ucfvit.train.cli import parse
 from ucfvit.train.config import ARCH_OPTIONS, ConfigError
-from ucfvit.train.export import CONFIG_FILE, METADATA_KEY, MODEL_FILE, exported_config, load_exported, save_exported
+from ucfvit.train.export import CONFIG_FILE, METADATA_KEY, MODEL_FILE, load_exported, save_exported
+from ucfvit.train.plan import validate_config
 from ucfvit.train.presets import preset, set_dotted
 from ucfvit.train.ranges import RANGES, Range, check_ranges, flag, numeric_fields
-from ucfvit.train.trainer import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -292,7 +292,7 @@ def test_a_checkpoint_named_by_path_of_another_model_offers_dropping_the_path(tm
 
 def export(run_dir: Path, argv: list[str]) -> torch.nn.Module:
     """Export a freshly built model of ``argv`` as the trainer would (without the collective)."""
-    spec = exported_config(parse(["--model", "mae", *argv]))
+    spec = validate_config(parse(["--model", "mae", "--run.dir", str(run_dir), *argv])).export_spec()
     model = build_model(spec["model"], spec["size"], **spec["kwargs"])
     save_exported(model.state_dict(), spec, run_dir)
     return model

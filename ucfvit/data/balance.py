@@ -58,6 +58,15 @@ class LoadPlan:
         steps = [s for s in map(self.steps_per_epoch, range(len(self.names))) if s is not None]
         return max(steps) if steps else None
 
+    def summary(self) -> str:
+        """One line: the datasets, their samples, the per-rank batch and the epoch."""
+        sets = ", ".join(
+            f"{n} ({s if s is not None else 'endless'})" for n, s in zip(self.names, self.samples, strict=True)
+        )
+        return (
+            f"data: {sets}; {self.local_batch} samples per rank per step; epoch {self.epoch_steps or 'endless'} steps"
+        )
+
     def describe(self) -> str:
         how = "--data.groups" if self.manual else "automatic"
         rows = [f"data plan ({how}; {self.local_batch} samples per rank per step; an epoch is "

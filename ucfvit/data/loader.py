@@ -26,7 +26,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from .balance import LoadPlan
 from .dataset import Source
 from .order import SampleOrder
-from .patching import adaptive_patches
+from .quadtree import adaptive_patches
 
 __all__ = ["StepSampler", "TreePatches", "build_loader", "keep_freed_memory", "positions_at"]
 
@@ -76,7 +76,7 @@ class StepSampler(Sampler[list[Key]]):
 class TreePatches:
     """Adds the quadtree/octree patch sequence of ``image`` to a sample (``patches``, ``coords``,
     ``sizes``, ``valid``; with ``separate_channels`` one tree per channel, each array with a leading
-    channel axis; see :func:`ucfvit.data.patching.adaptive_patches`)."""
+    channel axis; see :func:`ucfvit.data.quadtree.adaptive_patches`)."""
 
     def __init__(
         self,
@@ -99,6 +99,10 @@ class TreePatches:
             self.separate_channels,
         )
         return {**sample, **{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in seq.items()}}
+
+    def shared(self) -> TreePatches:
+        """The same transform with one tree shared by all channels."""
+        return TreePatches(self.patch_size, self.fixed_length, self.min_patch, self.edge_thresholds)
 
 
 class KeyedSamples(Dataset):

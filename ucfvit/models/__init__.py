@@ -13,9 +13,9 @@ from .sap import SAP, grid_patches
 from .diffusion import DDPMScheduler, DiffusionViT
 
 # isort: on
-from .adaptive import PatchSequence, pad_sequence
 from .encoder import EncoderDecoder, VisionTransformer
-from .patches import patchify, unpatchify
+from .patch_sequence import PatchSequence, pad_sequence
+from .patchify import patchify, unpatchify
 from .registry import FAMILIES, SIZES, FamilySpec, build_model, get_family, list_models, list_sizes, register_family
 from .rng import SampleRNG
 

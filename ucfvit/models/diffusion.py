@@ -8,7 +8,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .adaptive import (
+from .embed import timestep_embed
+from .encoder import EncoderDecoder
+from .patch_sequence import (
     PatchSequence,
     decoder_positions,
     is_sequence,
@@ -17,9 +19,7 @@ from .adaptive import (
     sequence_from_tokens,
     token_layout,
 )
-from .embed import timestep_embed
-from .encoder import EncoderDecoder
-from .patches import unpatchify
+from .patchify import unpatchify
 from .registry import FamilySpec, register_family
 from .rng import RandomSource, rand, randn
 from .tasks import Denoising

@@ -17,7 +17,6 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .adaptive import AdaptivePosEmbed, embed_sequence, is_sequence, token_layout, with_prefix
 from .embed import (
     AdaptivePatchEmbed,
     PatchEmbed,
@@ -29,7 +28,8 @@ from .embed import (
     sincos_embed,
 )
 from .layers import Attention, AttnBackend, Block
-from .patches import check_patch_grid, to_ntuple
+from .patch_sequence import AdaptivePosEmbed, embed_sequence, is_sequence, token_layout, with_prefix
+from .patchify import check_patch_grid, to_ntuple
 from .rng import RandomSource, rand
 
 PosEmbed = Literal["sincos", "learned", "learned_sincos", "none"]
@@ -120,7 +120,7 @@ class VisionTransformer(nn.Module):
         variables: names of the input channels the model knows (UCF-VIT's ``default_vars``).
         use_varemb: tokenise each channel separately and merge by variable aggregation.
         single_channel: batches hold one variable at a time (1 channel + its variable embedding).
-        adaptive_patching: input is a :class:`~ucfvit.models.adaptive.PatchSequence` of variable-size
+        adaptive_patching: input is a :class:`~ucfvit.models.patch_sequence.PatchSequence` of variable-size
             regions resized to ``patch_size`` (e.g. a quadtree), not an image.
         fixed_length: tokens per sample ``L`` of adaptive input (checked in forward; shorter
             sequences are padded and marked by ``valid``). Sets ``num_patches``.

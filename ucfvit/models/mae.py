@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .adaptive import PatchSequence, decoder_positions, is_sequence, model_input, sequence_target, token_layout
 from .encoder import EncoderDecoder
-from .patches import patchify, unpatchify
+from .patch_sequence import PatchSequence, decoder_positions, is_sequence, model_input, sequence_target, token_layout
+from .patchify import patchify, unpatchify
 from .registry import FamilySpec, register_family
 from .rng import RandomSource, rand
 from .tasks import Reconstruction

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adaptive import model_input
+from .patch_sequence import model_input
 from .tasks import Task
 
 __all__ = [
@@ -51,7 +51,7 @@ Batch = Mapping[str, torch.Tensor]
 
 def image_input(model: nn.Module, batch: Batch) -> tuple:
     """The default way a batch becomes model input: the image alone (for a model built with
-    ``adaptive_patching=True``, the batch's PatchSequence, see ``adaptive.batch_sequence``)."""
+    ``adaptive_patching=True``, the batch's PatchSequence, see ``patch_sequence.batch_sequence``)."""
     return (model_input(model, batch),)
 
 

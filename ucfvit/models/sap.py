@@ -1,7 +1,7 @@
 """SAP: symmetric adaptive patching for dense segmentation (Zhang et al., 2024).
 
 An image is cut into a fixed number ``L`` of square (cubic) regions of varying side, each resized
-to ``patch_size``, given as a :class:`~ucfvit.models.adaptive.PatchSequence`. A quadtree/octree
+to ``patch_size``, given as a :class:`~ucfvit.models.patch_sequence.PatchSequence`. A quadtree/octree
 patcher is meant to produce the regions; today :func:`grid_patches` gives the regular-grid case
 (every region of side ``patch_size``) and any caller may build sequences of mixed sizes. The
 model embeds these patches with their continuous positions and sizes, predicts ``num_classes``
@@ -15,9 +15,17 @@ from collections.abc import Sequence
 
 import torch
 
-from .adaptive import PatchSequence, batch_sequence, decoder_positions, grid_patches, is_sequence, paste, token_layout
 from .encoder import LEARNED_POS_EMBEDS, EncoderDecoder
 from .losses import segmentation_loss
+from .patch_sequence import (
+    PatchSequence,
+    batch_sequence,
+    decoder_positions,
+    grid_patches,
+    is_sequence,
+    paste,
+    token_layout,
+)
 from .registry import FamilySpec, register_family
 from .rng import RandomSource
 from .tasks import Segmentation
@@ -26,7 +34,7 @@ __all__ = ["SAP", "grid_patches"]
 
 
 class SAP(EncoderDecoder):
-    """Adaptive-patch segmentation: a :class:`~ucfvit.models.adaptive.PatchSequence` (or the
+    """Adaptive-patch segmentation: a :class:`~ucfvit.models.patch_sequence.PatchSequence` (or the
     tensors ``patches, coords, sizes``) -> logits (B, num_classes, *img_size). Pad tokens
     (``valid`` False) are not attended to and not pasted.
 
@@ -100,13 +108,13 @@ class SAP(EncoderDecoder):
 
         Each patch's K x patch_size**ndim prediction is resized (bi/trilinear) to its region's side
         and written at its corner; pad tokens (``valid`` False) are skipped. Regions must tile the
-        image without overlap (see :func:`ucfvit.models.adaptive.paste`).
+        image without overlap (see :func:`ucfvit.models.patch_sequence.paste`).
         """
         return paste(pred, coords, sizes, self.img_size, self.patch_size, valid)
 
 
 def _patch_input(model: SAP, batch) -> tuple:
-    """The batch's patch sequence, or images on a regular grid (see ``adaptive.batch_sequence``)."""
+    """The batch's patch sequence, or images on a regular grid (see ``patch_sequence.batch_sequence``)."""
     return (batch_sequence(model, batch),)
 
 

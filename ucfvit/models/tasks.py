@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ucfvit.eval.metrics import confusion_matrices, dice_iou, psnr, ssim, topk_correct
+from ucfvit.eval.scores import confusion_matrices, dice_iou, psnr, ssim, topk_correct
 from ucfvit.eval.sliding_window import sliding_window
 
-from .adaptive import is_sequence, paste
 from .losses import segmentation_losses
+from .patch_sequence import is_sequence, paste
 from .rng import RandomSource
 
 __all__ = ["Classification", "Denoising", "EvalOptions", "Panel", "Reconstruction", "Segmentation", "Task"]

@@ -8,10 +8,19 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .adaptive import is_sequence, model_input, unetr_forward
 from .encoder import VisionTransformer
 from .losses import segmentation_loss
-from .patches import unpatchify
+from .patch_sequence import (
+    PatchSequence,
+    is_sequence,
+    model_input,
+    paint,
+    paste,
+    region_owner,
+    sequence_target,
+    token_layout,
+)
+from .patchify import unpatchify
 from .registry import FamilySpec, register_family
 from .rng import RandomSource
 from .tasks import Segmentation
@@ -126,7 +135,7 @@ class UNETR(VisionTransformer):
         self, x: torch.Tensor, variables: Sequence[str] | None = None, *, rng: RandomSource = None
     ) -> torch.Tensor:
         if self.adaptive_patching or is_sequence(x):  # tokens painted over their regions' grid cells
-            return unetr_forward(self, x, variables, rng)
+            return self._forward_sequence(x, variables, rng)
         b = x.shape[0]
         tokens = self.embed(x, variables)
         out, tapped = self.encode(tokens, self.patch_coords(b, x.device), rng, taps=self.taps)
@@ -142,6 +151,25 @@ class UNETR(VisionTransformer):
             x = x.new_zeros(b, self.data_chans, *self.img_size).index_copy(1, idx, x)
         features = self.decoder(x, to_grid(out), [to_grid(t) for t in tapped])
         return self.head(features)
+
+    def _forward_sequence(self, seq: PatchSequence, variables, rng: RandomSource) -> torch.Tensor:
+        """UNETR on a patch sequence -> dense logits (B, K, *img_size).
+
+        Encoder tokens (and the skip taps) are painted over the patch-grid cells their regions cover
+        (:func:`~ucfvit.models.patch_sequence.region_owner`), the image skip sees the patches pasted
+        back at full resolution, and the convolutional decoder runs as on a regular grid. With
+        ``linear_decoder`` each token's prediction is pasted back like SAP's.
+        """
+        tokens = self.embed(seq, variables)
+        centres, valid = token_layout(self, seq)
+        out, tapped = self.encode(tokens, centres, rng, taps=self.taps, valid=valid)
+        p = self.num_prefix_tokens
+        if self.linear_decoder:
+            return paste(self.head(out[:, p:]), seq.coords, seq.sizes, self.img_size, self.patch_size, valid)
+        owner = region_owner(seq, self.img_size, self.patch_size)
+        image = paste(sequence_target(seq), seq.coords, seq.sizes, self.img_size, self.patch_size, valid)
+        grid = [paint(t[:, p:], owner, self.grid) for t in tapped]
+        return self.head(self.decoder(image.to(out.dtype), paint(out[:, p:], owner, self.grid), grid))
 
 
 def _segmentation_loss(model: UNETR, batch, rng: RandomSource, extra) -> torch.Tensor:

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adaptive import masked_mean, model_input, token_layout
 from .encoder import PosEmbed, VisionTransformer, dropout_scale, shuffle_indices
+from .patch_sequence import masked_mean, model_input, token_layout
 from .registry import FamilySpec, register_family
 from .rng import RandomSource
 from .tasks import Classification

@@ -8,7 +8,7 @@ A config file may hold every option (a saved ``config.json``) or only some (e.g.
 for several datasets); the options it leaves out come from the recipe of its ``model`` (or of
 ``--model``). Model options that the data decides (input size from ``--data.tile``, channels and
 classes from the files) follow the data unless the file or the command line sets them (see
-``data_setup.adapt_to_data``).
+``data_setup.defer_to_data``; the files are read when the run is validated, not here).
 ``--model`` choices are the registered families (``ucfvit.models.list_models()``), read when the
 command line is parsed, so a family registered before that is a valid ``--model``.
 """
@@ -29,10 +29,10 @@ from ucfvit.models import list_models
 
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, dotted_options, load_config, read_config_file
-from .data_setup import adapt_to_data
+from .data_setup import defer_to_data
 from .export import ExportError
+from .guards import TrainingDiverged
 from .presets import preset
-from .trainer import TrainingDiverged
 
 __all__ = ["parse", "cli_config_class", "run_recipe"]
 
@@ -91,7 +91,7 @@ def parse(argv: Sequence[str], description: str | None = None, accelerator: bool
         defaults = preset(known.model or "mae", known.model_size, accelerator)
     cls = cli_config_class()
     cfg = tyro.cli(cls, default=_as(cls, defaults), args=argv, description=description)
-    adapt_to_data(cfg, _given(argv) | in_file)  # what the file or the flags set is kept
+    defer_to_data(cfg, _given(argv) | in_file)  # what the file or the flags set is kept
     return cfg
 
 

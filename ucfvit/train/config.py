@@ -190,8 +190,8 @@ class MetricsConfig:
 class RunConfig:
     """Where and how reproducibly the run happens."""
 
-    dir: Path = Path("runs/default")
-    """Run directory: config.json, metrics.jsonl, checkpoints/ and exports."""
+    dir: Path | None = None
+    """Run directory: config.json, metrics.jsonl, checkpoints/ and exports (None: ``runs/<model>``)."""
     seed: int = 0
     """Seed of initialisation, data and forward randomness."""
     overwrite: bool = False
@@ -213,6 +213,9 @@ class Config:
     """ddp x fsdp x tp; the product must equal the number of processes."""
     max_steps: int = 60
     """Optimizer steps."""
+    verbose: bool = False
+    """Print the full resolved config, the data plan and the ``--init.from`` report at the start (they are
+    always written to the run directory: config.json, data/plan.json, init_report.txt)."""
     arch: ArchConfig = field(default_factory=ArchConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -5,9 +5,10 @@
 * :func:`prepare_data` runs after the mesh exists: rank 0 builds the file/tile index (or reuses
   ``<run.dir>/data/index.json``), every rank learns whether that worked (one broadcast, so a bad
   file stops every rank with the same error), the other ranks read the file, and the load plan
-  is printed and saved as ``<run.dir>/data/plan.json``.
-* :func:`adapt_to_data` fills the model options the data decides (input size from ``--data.tile``,
-  channels and classes from the files) where the command line left them to the recipe.
+  is saved as ``<run.dir>/data/plan.json``.
+* :func:`defer_to_data` (command line: no file opened) leaves to the data the model options it
+  decides (input size from ``--data.tile``, channels and classes from the files) where no flag or
+  config file set them; :func:`adapt_to_data` (validation) fills them from the data.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ from ucfvit.data.balance import LoadPlan, plan_load
 from ucfvit.data.config import DataConfig
 from ucfvit.data.dataset import InputSpec, Source, build_dataset, dataset_configs, is_file_kind
 from ucfvit.data.index import SourceIndex, build_index, fingerprint, load_index, save_index
+from ucfvit.data.loader import TreePatches
 from ucfvit.data.readers import DataError, Item, get_reader
 from ucfvit.models import FamilySpec
 
-from .checkpoint import write_atomic
+from .atomic import write_atomic
 
 __all__ = [
-    "DataSetup", "adapt_to_data", "channel_batches", "check_data", "index_on_rank0", "input_spec", "prepare_data",
+    "DataSetup", "adapt_to_data", "channel_batches", "check_data", "defer_to_data", "index_on_rank0", "input_spec",
+    "prepare_data", "tree_transform",
 ]  # fmt: skip
 
 INDEX_FILE, PLAN_FILE = Path("data") / "index.json", Path("data") / "plan.json"
@@ -200,39 +203,72 @@ def prepare_data(data: DataConfig, spec: InputSpec, dp_size: int, seed: int, run
         list(sources), [s.size for s in sources.values()], dp_size, data.global_batch_size // dp_size, data.groups
     )
     if rank == 0:
-        print(plan.describe(), flush=True)
         (run_dir / PLAN_FILE).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / PLAN_FILE, json.dumps(plan.to_dict(), indent=2))
     return DataSetup(list(sources.values()), plan)
 
 
-# --------------------------------------------------------------------------- command-line defaults
-def adapt_to_data(cfg, explicit: set[str]) -> None:
-    """Model options the data decides, where ``explicit`` (the flags given) leaves them to the recipe:
-    ``--arch.img-size`` from ``--data.tile`` (without a slice axis), ``--arch.in-chans`` from the first
-    file's channels and ``--arch.num-classes`` from an image folder's class sub-folders."""
+# --------------------------------------------------------------------------- options the data decides
+def _data_decides(cfg) -> dict[str, bool]:
+    """Which model options the data of ``cfg`` decides (a single file dataset): the input size from
+    ``--data.tile``, the channels from the files (unless ``--data.variables`` picks them), the
+    classes from an image folder's class sub-folders (unless ``--data.labels`` gives masks)."""
     data = cfg.data
-    if data.datasets or not is_file_kind(data.kind) or data.root is None or not Path(data.root).is_dir():
-        return  # several datasets: set the model options in the config file; bad roots are refused later
-    if data.tile is not None and "arch.img_size" not in explicit:
-        cfg.arch.img_size = tuple(data.tile)
+    if data.datasets or not is_file_kind(data.kind) or data.root is None:
+        return {}  # several datasets: their model options are set in the config file
     reader = get_reader(data.kind)
-    if "arch.in_chans" not in explicit and data.variables is None:
+    return {
+        "img_size": data.tile is not None,
+        "in_chans": data.variables is None,
+        "num_classes": hasattr(reader, "classes") and data.labels is None,
+    }
+
+
+def defer_to_data(cfg, explicit: set[str]) -> None:
+    """Leave to the data (None) the model options it decides that ``explicit`` (the dotted options
+    a command line or config file set) does not: :func:`adapt_to_data` fills them when the run is
+    validated. Opens no file."""
+    for name, decided in _data_decides(cfg).items():
+        if decided and f"arch.{name}" not in explicit:
+            setattr(cfg.arch, name, None)
+
+
+def adapt_to_data(cfg) -> None:
+    """Fill the model options :func:`defer_to_data` left to the data: ``--arch.img-size`` from
+    ``--data.tile``, ``--arch.in-chans`` from the first file's header, ``--arch.num-classes`` from
+    the class sub-folders. An option the data cannot tell (no readable file yet) stays None, the
+    family's default; the index build then names the file."""
+    decides = _data_decides(cfg)
+    if not decides or not Path(cfg.data.root).is_dir():
+        return  # a bad root is refused by check_data
+    data, arch = cfg.data, cfg.arch
+    if decides["img_size"] and arch.img_size is None:
+        arch.img_size = tuple(data.tile)
+    reader = get_reader(data.kind)
+    if decides["in_chans"] and arch.in_chans is None:
         first = _first_file(Path(data.root), reader.suffixes)
         if first is not None:
             try:
-                file_ndim = 3 if data.slice_axis is not None else len(cfg.arch.img_size or (0, 0))
-                channels, _ = reader(spatial_ndim=file_ndim).header(Item(first))
-                cfg.arch.in_chans = channels
+                file_ndim = 3 if data.slice_axis is not None else len(arch.img_size or (0, 0))
+                arch.in_chans, _ = reader(spatial_ndim=file_ndim).header(Item(first))
             except (DataError, ValueError):
                 pass  # the index build names the file
-    if "arch.num_classes" not in explicit and hasattr(reader, "classes") and data.labels is None:
+    if decides["num_classes"] and arch.num_classes is None:
         try:
             classes = reader().classes(Path(data.root))
         except (DataError, ValueError, OSError):
             classes = []
         if classes:
-            cfg.arch.num_classes = len(classes)
+            arch.num_classes = len(classes)
+
+
+def tree_transform(model: nn.Module, data: DataConfig) -> TreePatches | None:
+    """The quadtree/octree transform that cuts ``model``'s adaptive patches from each sample
+    (``--data.patching tree``; one tree per channel with ``--data.separate-channels``), or None."""
+    if not (getattr(model, "adaptive_patching", False) and data.patching == "tree"):
+        return None
+    return TreePatches(model.patch_size, model.fixed_length, data.min_patch, data.edge_thresholds,
+                       data.separate_channels)  # fmt: skip
 
 
 def _first_file(root: Path, suffixes) -> str | None:

@@ -4,7 +4,7 @@ The weights come from a run directory (its newest checkpoint and its ``config.js
 DCP checkpoint saved on any mesh (its own ``config.json``), or a ``model.safetensors`` export (its
 ``model_config.json``). Every check runs before the first collective: the model is built on the
 meta device and the weights are fitted to it (they must cover every entry), then the mesh is built,
-the model parallelized and loaded, and :class:`~ucfvit.train.evaluation.Evaluator` writes
+the model parallelized and loaded, and :class:`~ucfvit.train.validation.Validator` writes
 ``eval.json`` and a picture into the output directory.
 """
 
@@ -25,16 +25,17 @@ from ucfvit.models import build_model, get_family
 from ucfvit.parallel import check_parallelizable, make_mesh, parallelize, parse_mesh
 from ucfvit.parallel.mesh import world_size
 
-from .checkpoint import CheckpointError, find_checkpoint, read_checkpoint_config, write_atomic
+from .atomic import write_atomic
+from .checkpoint import CheckpointError, find_checkpoint, read_checkpoint_config
 from .config import ArchConfig, Config, ConfigError, EvalConfig, InitConfig, ParallelConfig, load_config
-from .data_setup import input_spec
-from .evaluation import Evaluator, check_eval
+from .data_setup import input_spec, tree_transform
 from .export import CONFIG_FILE as EXPORT_CONFIG
 from .export import read_export_spec
 from .init_from import load_into, prepare_pretrained
-from .metrics import format_metrics
+from .plan import model_kwargs
 from .ranges import check_ranges
-from .trainer import model_kwargs
+from .throughput import format_metrics
+from .validation import Validator, check_eval
 
 __all__ = ["EvaluateConfig", "evaluate"]
 
@@ -129,9 +130,11 @@ def evaluate(args: EvaluateConfig) -> dict[str, Any]:
     model.init_weights()
     load_into(model, pretrained)
     out.mkdir(parents=True, exist_ok=True)
-    evaluator = Evaluator(model, spec, input_spec(model, spec), mesh, cfg, out, spec.build_extra(model))
-    metrics = evaluator.run()
-    picture = evaluator.pictures(out / "pictures", f"{cfg.model}_eval")
+    validator = Validator(
+        model, spec, input_spec(model, spec), mesh, cfg, out, spec.build_extra(model), tree_transform(model, cfg.data)
+    )
+    metrics = validator.run()
+    picture = validator.pictures(out / "pictures", f"{cfg.model}_eval")
     result = {
         "model": cfg.model, "model_size": cfg.model_size, "weights": str(weights), "mesh": cfg.mesh,
         "metrics": metrics, "picture": None if picture is None else str(picture),

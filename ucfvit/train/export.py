@@ -24,14 +24,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ucfvit.models import build_model
-from ucfvit.models.registry import resolved_model_kwargs
 from ucfvit.parallel import full_state_dict
 
-from .checkpoint import write_atomic
-from .config import Config
+from .atomic import write_atomic
 
 __all__ = [
-    "CONFIG_FILE", "METADATA_KEY", "MODEL_FILE", "ExportError", "export_safetensors", "exported_config",
+    "CONFIG_FILE", "METADATA_KEY", "MODEL_FILE", "ExportError", "export_safetensors",
     "load_exported", "read_export_spec", "save_exported",
 ]  # fmt: skip
 
@@ -44,20 +42,13 @@ class ExportError(RuntimeError):
     """The export could not be written (a full disk, a quota); the run's checkpoints are unaffected."""
 
 
-def exported_config(cfg: Config) -> dict[str, Any]:
-    """``{"model", "size", "kwargs"}`` of ``cfg``'s model, ``kwargs`` being every constructor
-    argument: ``build_model(model, size, **kwargs)`` rebuilds it."""
-    overrides = {k: v for k, v in vars(cfg.arch).items() if v is not None}
-    kwargs = resolved_model_kwargs(cfg.model, cfg.model_size, overrides)
-    return {"model": cfg.model, "size": cfg.model_size, "kwargs": kwargs}
-
-
-def export_safetensors(model: nn.Module, cfg: Config, run_dir: Path) -> None:
-    """Write ``model.safetensors`` + ``model_config.json`` to ``run_dir`` (collective gather; rank 0 writes)."""
+def export_safetensors(model: nn.Module, spec: dict[str, Any], run_dir: Path) -> None:
+    """Write ``model.safetensors`` + ``model_config.json`` (``spec``: ``{"model", "size", "kwargs"}``,
+    every constructor argument) to ``run_dir`` (collective gather; rank 0 writes)."""
     state = full_state_dict(model)
     if dist.get_rank() == 0:
         try:
-            save_exported(state, exported_config(cfg), run_dir)
+            save_exported(state, spec, run_dir)
         except (OSError, SafetensorError) as err:
             (Path(run_dir) / (MODEL_FILE + ".tmp")).unlink(missing_ok=True)
             raise ExportError(
@@ -68,7 +59,7 @@ def export_safetensors(model: nn.Module, cfg: Config, run_dir: Path) -> None:
 
 
 def save_exported(state: dict[str, torch.Tensor], spec: dict[str, Any], run_dir: str | Path) -> None:
-    """Write a full ``state`` dict and its :func:`exported_config` ``spec`` as an export in ``run_dir``."""
+    """Write a full ``state`` dict and its ``spec`` (``{"model", "size", "kwargs"}``) as an export in ``run_dir``."""
     run_dir = Path(run_dir)
     text = json.dumps(spec, indent=2)
     tmp = run_dir / (MODEL_FILE + ".tmp")
@@ -85,7 +76,7 @@ def _differences(a: Any, b: Any, where: str = "") -> list[str]:
 
 
 def read_export_spec(weights: Path, config: Path) -> dict[str, Any]:
-    """The :func:`exported_config` of an export, ``config`` (``model_config.json``) checked against the
+    """The ``{"model", "size", "kwargs"}`` of an export, ``config`` (``model_config.json``) checked against the
     copy in ``weights``' safetensors header (tensors are not read). Raises ``FileNotFoundError`` for a
     missing file and ``ValueError`` naming the file and the field that is wrong."""
     for path in (config, weights):

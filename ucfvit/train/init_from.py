@@ -16,8 +16,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 from ucfvit.interop import ENCODER_PREFIXES, LoadReport, WeightsError, fit_pretrained, read_pretrained
 
-from .checkpoint import CheckpointError, find_checkpoint, read_model_tensors
+from .checkpoint import CheckpointError, find_checkpoint
 from .config import ConfigError, InitConfig
+from .dcp_reader import read_model_tensors
 
 __all__ = ["Pretrained", "freeze_encoder", "load_into", "prepare_pretrained"]
 

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .checkpoint import checkpoint_step, find_checkpoint, write_atomic
+from .atomic import write_atomic
+from .checkpoint import checkpoint_step, find_checkpoint
 
 __all__ = ["RunDirPlan", "RunLock", "inspect_run_dir", "prepare_run_dir", "job_id"]
 

@@ -1,4 +1,4 @@
-"""Adaptive patching: a fixed number of square (2D) or cubic (3D) regions of varying size per sample.
+"""Quadtree/octree adaptive patches: a fixed number of square (2D) or cubic (3D) regions of varying size per sample.
 
 Busy parts of an image get small regions, smooth parts large ones, and every region is resized to
 ``patch_size`` per axis, so a ViT sees ``fixed_length`` tokens per sample whatever the image size.

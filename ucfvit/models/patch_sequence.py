@@ -19,9 +19,8 @@ What lives here (so that one implementation serves every family):
 * Token <-> image: :func:`paste` (per-token pixel predictions resized back to their regions),
   :func:`region_owner`/:func:`paint` (token features painted over the patch-grid cells their
   region covers, for UNETR's convolutional decoder), :func:`sequence_target` (patches in
-  :func:`~ucfvit.models.patches.patchify` layout).
-* UNETR's forward on patch sequences (:func:`unetr_forward`), and the batch -> sequence rule of
-  the family specs (:func:`batch_sequence`, :func:`model_input`).
+  :func:`~ucfvit.models.patchify.patchify` layout).
+* The batch -> sequence rule of the family specs (:func:`batch_sequence`, :func:`model_input`).
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .embed import sincos_embed
-from .rng import RandomSource
 
 __all__ = [
     "AdaptivePosEmbed", "PatchSequence", "batch_sequence", "check_sequence", "grid_patches", "is_sequence",
@@ -327,7 +325,7 @@ def paint(tokens: torch.Tensor, owner: torch.Tensor, grid: Sequence[int]) -> tor
 
 
 def sequence_target(seq: PatchSequence) -> torch.Tensor:
-    """Patches (B, L, C, *p) in :func:`~ucfvit.models.patches.patchify` layout: (B, L, p**ndim * C)."""
+    """Patches (B, L, C, *p) in :func:`~ucfvit.models.patchify.patchify` layout: (B, L, p**ndim * C)."""
     return seq.patches.movedim(2, -1).flatten(2)
 
 
@@ -348,26 +346,3 @@ def batch_sequence(model: nn.Module, batch) -> PatchSequence:
 def model_input(model: nn.Module, batch):
     """What a family's forward takes from a batch: the image, or a PatchSequence for adaptive models."""
     return batch_sequence(model, batch) if getattr(model, "adaptive_patching", False) else batch["image"]
-
-
-# ---------------------------------------------------------------------------- family forwards
-def unetr_forward(model, seq: PatchSequence, variables, rng: RandomSource) -> torch.Tensor:
-    """UNETR on a patch sequence -> dense logits (B, K, *img_size).
-
-    Encoder tokens (and the skip taps) are painted over the patch-grid cells their regions cover
-    (:func:`region_owner`), the image skip sees the patches pasted back at full resolution, and
-    the convolutional decoder runs as on a regular grid. With ``linear_decoder`` each token's
-    prediction is pasted back like SAP's.
-    """
-    tokens = model.embed(seq, variables)
-    centres, valid = token_layout(model, seq)
-    out, tapped = model.encode(tokens, centres, rng, taps=model.taps, valid=valid)
-    p = model.num_prefix_tokens
-    if model.linear_decoder:
-        return paste(model.head(out[:, p:]), seq.coords, seq.sizes, model.img_size, model.patch_size, valid)
-    owner = region_owner(seq, model.img_size, model.patch_size)
-    image = paste(sequence_target(seq), seq.coords, seq.sizes, model.img_size, model.patch_size, valid)
-    features = model.decoder(
-        image.to(out.dtype), paint(out[:, p:], owner, model.grid), [paint(t[:, p:], owner, model.grid) for t in tapped]
-    )
-    return model.head(features)

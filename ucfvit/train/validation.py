@@ -37,7 +37,7 @@ from ucfvit.parallel import data_parallel_info
 from .config import Config, EvalConfig
 from .data_setup import channel_batches, index_on_rank0
 
-__all__ = ["EVAL_STEP", "Evaluator", "check_eval", "eval_split"]
+__all__ = ["EVAL_STEP", "Validator", "check_eval", "eval_split"]
 
 EVAL_STEP = 2**32 - 1
 """The step word of evaluation randomness (training steps stay below it: ``max_steps`` < 2**32)."""
@@ -120,15 +120,25 @@ def _collate(samples: list[Mapping[str, torch.Tensor]], device: torch.device) ->
     return {k: torch.stack([s[k] for s in samples]).to(device) for k in sorted(common)}
 
 
-class Evaluator:
+class Validator:
     """Validation of ``model`` (parallelized over ``mesh``) on ``cfg``'s held-out data.
 
+    ``tree``: the adaptive-patch transform training uses (the run plan's), applied per sample here.
     Building it is collective when file datasets need their index (rank 0 builds it into
     ``<run_dir>/data/eval_index.json``); :meth:`run` and :meth:`pictures` are collective.
     """
 
-    def __init__(self, model: nn.Module, family: FamilySpec, spec: InputSpec, mesh: DeviceMesh, cfg: Config,
-                 run_dir: Path, extra: Any = None):  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        family: FamilySpec,
+        spec: InputSpec,
+        mesh: DeviceMesh,
+        cfg: Config,
+        run_dir: Path,
+        extra: Any = None,
+        tree: TreePatches | None = None,
+    ):
         self.model, self.family, self.mesh, self.cfg, self.extra = model, family, mesh, cfg, extra
         self.task = family.evaluation
         ev = cfg.eval
@@ -148,29 +158,34 @@ class Evaluator:
             for n in [min(ev.samples, s.size)]
             for k in range(n)
         ]
-        tree = getattr(model, "adaptive_patching", False) and cfg.data.patching == "tree"
-        self.tree = (
-            TreePatches(model.patch_size, model.fixed_length, cfg.data.min_patch, cfg.data.edge_thresholds)
-            if tree else None
-        )  # fmt: skip
+        self.tree = tree
+        # A tile reaches the model one channel at a time under --data.separate-channels: one tree each.
+        self.tile_tree = tree if tree is None or not tree.separate_channels else tree.shared()
         self.device = next(model.parameters()).device
 
     def _inputs(self, batch: Mapping[str, Any]) -> tuple:
-        """The family's forward arguments; adaptive patches are cut here, per sample (and per tile)."""
-        if self.tree is not None and "patches" not in batch:
-            trees = [self.tree({"image": image}) for image in batch["image"].detach().cpu()]
+        """The family's forward arguments; the adaptive patches of a sliding-window tile are cut here."""
+        if self.tile_tree is not None and "patches" not in batch:
+            trees = [self.tile_tree({"image": image}) for image in batch["image"].detach().cpu()]
             batch = {**batch, **_collate([{k: v for k, v in t.items() if k != "image"} for t in trees], self.device)}
         return self.family.inputs(self.model, batch)
 
     def _parts(self, batch: dict[str, torch.Tensor]) -> list[dict]:
-        """A single-channel model sees one channel at a time, as in training."""
+        """A single-channel model sees one channel at a time (with its own tree under
+        ``--data.separate-channels``), as in training."""
         if getattr(self.model, "single_channel", False):
-            return channel_batches(batch, self.model.variables, False)
+            separate = self.tree is not None and self.tree.separate_channels
+            return channel_batches(batch, self.model.variables, separate)
         return [batch]
 
     def _batch(self, rows: range) -> dict[str, torch.Tensor]:
+        """The samples of ``rows``; at the model's input size their trees are cut here, per whole
+        sample, as the training loader cuts them (larger sliding-window images: per tile, later)."""
         keys = [self.keys[min(g, len(self.keys) - 1)] for g in rows]
-        return _collate([self.sources[d].sample(k) for d, k in keys], self.device)
+        samples = [self.sources[d].sample(k) for d, k in keys]
+        if self.tree is not None and self.cfg.eval.image_size is None:
+            samples = [self.tree(s) for s in samples]
+        return _collate(samples, self.device)
 
     @torch.no_grad()
     def run(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Evaluation metrics on batches, plain PyTorch.
+"""Per-sample scores of predictions (accuracy, Dice/IoU, PSNR, SSIM) on batches, plain PyTorch.
 
 Each function returns per-sample values or integer counts, never a batch mean, so that a metric
 over a sharded dataset is a sum of these and a count, all-reduced once: the same number on any

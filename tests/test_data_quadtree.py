@@ -1,4 +1,4 @@
-"""Adaptive patching (ucfvit.data.patching): counts, tiling, reconstruction, criteria and refusals."""
+"""Adaptive patching (ucfvit.data.quadtree): counts, tiling, reconstruction, criteria and refusals."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from ucfvit.data.patching import adaptive_patches, edge_map_2d, gradient_map_3d, reconstruct
+from ucfvit.data.quadtree import adaptive_patches, edge_map_2d, gradient_map_3d, reconstruct
 
 
 def blobs(spatial: tuple[int, ...], count: int = 6, seed: int = 0) -> np.ndarray:
