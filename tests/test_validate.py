@@ -358,3 +358,41 @@ def test_load_exported_names_a_missing_or_broken_file(tmp_path):
     (tmp_path / CONFIG_FILE).write_bytes(b"\x80\x04 a pickle, not JSON")
     with pytest.raises(ValueError, match=r"model_config.json is not valid JSON \('utf-8' codec can't decode"):
         load_exported(tmp_path)
+
+
+# --- options the data decides -----------------------------------------------------------------
+
+_OPENED: list[str] = []
+_WATCH: list[str] = []  # the directory whose opened files _OPENED records (empty: none)
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event == "open" and _WATCH and isinstance(args[0], str) and args[0].startswith(_WATCH[0]):
+        _OPENED.append(args[0])
+
+
+sys.addaudithook(_audit)
+
+
+def test_the_command_line_opens_no_data_file_and_validation_fills_the_options(tmp_path):
+    """The input size follows --data.tile and the channels the files' header, but the parser only
+    leaves them to the data (None); reading the header belongs to validation."""
+    from data_files import nifti_dataset
+
+    root = nifti_dataset(tmp_path / "ct", 2, (24, 20, 16))
+    argv = ["--model", "mae", "--data.kind", "nifti", "--data.root", str(root), "--data.tile", "16", "16", "16",
+            "--run.dir", str(tmp_path / "run")]  # fmt: skip
+    _OPENED.clear()
+    _WATCH[:] = [str(root)]
+    try:
+        cfg = parse(argv)
+        assert _OPENED == [] and cfg.arch.img_size is None and cfg.arch.in_chans is None
+        plan = validate_config(cfg)
+        assert _OPENED, "validation reads the first file's header"
+    finally:
+        _WATCH.clear()
+    assert plan.cfg.arch.img_size == (16, 16, 16) and plan.cfg.arch.in_chans == 1
+    assert tuple(plan.model.img_size) == (16, 16, 16) and plan.model.data_chans == 1
+    assert cfg.arch.in_chans is None, "validate_config resolves a copy; the caller's config is not changed"
+    given = parse([*argv, "--arch.in-chans", "2", "--arch.img-size", "16", "16", "16"])
+    assert given.arch.in_chans == 2 and validate_config(given).cfg.arch.in_chans == 2  # a flag wins over the data
