@@ -1,11 +1,12 @@
 """The data pipeline on several ranks and through the trainer: tp groups read identical batches,
 data-parallel ranks disjoint ones, datasets are balanced, resumes continue exactly (also on
-another mesh), bad data stops every rank with one clear error, and the README's data commands run."""
+another mesh), bad data stops every rank with one clear error, and the data commands of docs/data.md run."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -156,14 +157,23 @@ def test_several_datasets_from_a_partial_config_file_train_balanced(tmp_path):
     assert saved["optim"] == json.loads(json.dumps(preset("mae", accelerator=False).to_dict()["optim"]))
 
 
+def documented_data_command(kind: str) -> list[str]:
+    """The arguments of docs/data.md's one-process ``python recipes/train.py ... --data.kind KIND`` command."""
+    for line in (Path(__file__).parents[1] / "docs" / "data.md").read_text().splitlines():
+        if line.startswith("python recipes/train.py ") and f"--data.kind {kind} " in f"{line} ":
+            return shlex.split(line, comments=True)[2:]
+    raise AssertionError(f"docs/data.md has no `python recipes/train.py ... --data.kind {kind}` command")
+
+
 @pytest.mark.parametrize("kind", ["nifti", "imagefolder"])
-def test_readme_data_commands_train_from_the_command_line(tmp_path, kind):
+def test_documented_data_commands_train_from_the_command_line(tmp_path, kind):
+    """docs/data.md's commands with DIR replaced by generated files (and this test's own run directory)."""
     if kind == "nifti":
         root = nifti_dataset(tmp_path / "ct", 2, (24, 20, 16))
-        argv = ["--data.kind", "nifti", "--data.root", str(root), "--data.tile", "16", "16", "16", "--model", "mae"]
     else:
         root = image_folder(tmp_path / "images", classes=3, per_class=4)
-        argv = ["--data.kind", "imagefolder", "--data.root", str(root), "--model", "vit"]
+    argv = [str(root) if word == "DIR" else word for word in documented_data_command(kind)]
+    assert str(root) in argv, f"docs/data.md's {kind} command should read --data.root DIR: {argv}"
     log = tmp_path / "log.txt"
     run_dir = tmp_path / "run"
     text = wait(torchrun(1, [*argv, "--max-steps", "4", "--run.dir", str(run_dir)], log), log)

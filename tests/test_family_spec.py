@@ -104,11 +104,11 @@ def test_every_constructor_option_is_a_documented_cli_option():
     assert "--arch.mask-ratio" in text and "[mae]" in text
 
 
-def test_the_readme_lists_every_option_with_where_it_applies():
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    listed = readme.split("<!-- options:start -->\n")[1].split("\n<!-- options:end -->")[0]
+def test_the_models_page_lists_every_option_with_where_it_applies():
+    page = (Path(__file__).parents[1] / "docs" / "models.md").read_text()
+    listed = page.split("<!-- options:start -->\n")[1].split("\n<!-- options:end -->")[0]
     expected = options_table(ARCH_OPTIONS)
-    assert listed == expected, f"README's option table is stale; replace it by:\n{expected}"
+    assert listed == expected, f"docs/models.md's option table is stale; replace it by:\n{expected}"
 
 
 def test_an_option_the_family_does_not_take_is_an_error_naming_who_does():

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -68,10 +69,25 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
+def readme_main_command() -> tuple[int, list[str]]:
+    """(processes, arguments of recipes/train.py) of the README's main command: the torchrun at the
+    end of its set-up line."""
+    for line in (ROOT / "README.md").read_text().splitlines():
+        words = shlex.split(line) if line.startswith("python3 -m venv ") else []
+        if "torchrun" in words:
+            run = words[words.index("torchrun") :]
+            assert run[:3] == ["torchrun", "--standalone", "--nproc_per_node"] and run[4] == "recipes/train.py", run
+            return int(run[3]), run[5:]
+    raise AssertionError("README.md has no set-up line that ends with the torchrun of the main command")
+
+
 def test_readme_main_command(tmp_path):
-    """`torchrun --standalone --nproc_per_node 8 recipes/train.py --model mae --mesh 2x2x2` on CPU."""
+    """The README's main command on CPU (today `torchrun --standalone --nproc_per_node 8 recipes/train.py
+    --model mae --mesh 2x2x2`), with this test's own run directory."""
+    nproc, argv = readme_main_command()
+    assert (nproc, argv) == (8, ["--model", "mae", "--mesh", "2x2x2"]), "update this test's checks with the command"
     log = tmp_path / "log.txt"
-    text = wait(torchrun(8, ["--model", "mae", "--mesh", "2x2x2", "--run.dir", str(tmp_path / "run")], log), log)
+    text = wait(torchrun(nproc, [*argv, "--run.dir", str(tmp_path / "run")], log), log)
     assert "step     60/60" in text, text[-3000:]
     assert '"mesh": "2x2x2"' in text  # the resolved config is printed
     run = tmp_path / "run"
