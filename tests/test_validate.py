@@ -43,7 +43,10 @@ def test_every_numeric_option_has_a_range():
     assert fields["optim.betas"] == (float, True) and fields["arch.img_size"] == (int, True)
     assert fields["data.micro_batch_size"] == (int, False) and fields["arch.init_values"] == (float, False)
     missing = sorted(set(fields) - set(RANGES))
-    assert not missing, f"give these numeric options a Range in ucfvit/train/ranges.py RANGES: {missing}"
+    assert not missing, (
+        f"give these numeric options a Range (--arch.*: in the OPTION_RANGES above the model constructor that "
+        f"takes them; others: ucfvit/train/ranges.py TRAINING_RANGES): {missing}"
+    )
     stale = sorted(set(RANGES) - set(fields))
     assert not stale, f"RANGES names no numeric option: {stale}"
 

@@ -39,9 +39,10 @@ def _sequences(model, run) -> list[tuple]:
 
 @pytest.mark.parametrize("separate", [False, True], ids=["shared-tree", "tree-per-channel"])
 def test_validation_sees_the_trees_training_cuts(tmp_path, one_rank, separate):
-    argv = ["--arch.img-size", "16", "16", "--arch.patch-size", "4", "--arch.fixed-length", "10",
-            "--arch.in-chans", "2", "--arch.variables", "ct", "pet", "--arch.single-channel", "True",
-            "--eval.every", "1", "--eval.samples", "2", "--eval.batch-size", "2", "--run.dir", str(tmp_path)]  # fmt: skip
+    model = ["--arch.img-size", "16", "16", "--arch.patch-size", "4", "--arch.fixed-length", "10"]
+    channels = ["--arch.in-chans", "2", "--arch.variables", "ct", "pet", "--arch.single-channel", "True"]
+    validation = ["--eval.every", "1", "--eval.samples", "2", "--eval.batch-size", "2"]
+    argv = [*model, *channels, *validation, "--run.dir", str(tmp_path)]
     plan = validate_config(config("sap", [*argv, *(["--data.separate-channels"] if separate else [])]))
     assert plan.tree is not None and plan.tree.separate_channels == separate
     model = plan.model.to_empty(device="cpu")

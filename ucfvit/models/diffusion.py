@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from .patch_sequence import (
     token_layout,
 )
 from .patchify import unpatchify
+from .ranges import AT_LEAST_1, Range
 from .registry import FamilySpec, register_family
 from .rng import RandomSource, rand, randn
 from .tasks import Denoising
@@ -42,6 +44,10 @@ class DiffusionViT(EncoderDecoder):
         decoder_*, linear_decoder: see :class:`~ucfvit.models.encoder.EncoderDecoder`.
         **encoder_kwargs: see :class:`~ucfvit.models.encoder.VisionTransformer`.
     """
+
+    OPTION_RANGES: ClassVar[dict[str, Range]] = {
+        "time_steps": AT_LEAST_1,
+    }
 
     def __init__(self, *, time_steps: int = 1000, class_token: bool = False, **kwargs):
         if time_steps <= 0:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import typing
 from collections.abc import Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ from .embed import (
 from .layers import Attention, AttnBackend, Block
 from .patch_sequence import AdaptivePosEmbed, embed_sequence, is_sequence, token_layout, with_prefix
 from .patchify import check_patch_grid, to_ntuple
+from .ranges import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Range
 from .rng import RandomSource, rand
 
 PosEmbed = Literal["sincos", "learned", "learned_sincos", "none"]
@@ -127,6 +128,24 @@ class VisionTransformer(nn.Module):
         use_adaptive_pos_emb: with adaptive_patching, a learned embedding of each region's
             position and size instead of the fixed sin-cos of centre and log-size.
     """
+
+    OPTION_RANGES: ClassVar[dict[str, Range]] = {
+        "img_size": AT_LEAST_1,  # per entry
+        "patch_size": AT_LEAST_1,
+        "in_chans": AT_LEAST_1,
+        "embed_dim": AT_LEAST_1,
+        "depth": AT_LEAST_1,
+        "num_heads": AT_LEAST_1,
+        "mlp_ratio": POSITIVE,
+        "drop_path_rate": FRACTION,
+        "attn_drop_rate": FRACTION,
+        "proj_drop_rate": FRACTION,
+        "pos_drop_rate": FRACTION,
+        # 0 is meaningful: residual branches start switched off and their scale learns (ReZero).
+        "init_values": AT_LEAST_0,
+        "fixed_length": AT_LEAST_1,
+    }
+    """The allowed range of each numeric constructor option (see :mod:`ucfvit.models.ranges`)."""
 
     def __init__(
         self,
@@ -479,6 +498,13 @@ class EncoderDecoder(VisionTransformer):
         decoder_mlp_ratio: MLP width of decoder blocks relative to ``decoder_embed_dim``.
         **encoder_kwargs: see :class:`VisionTransformer`.
     """
+
+    OPTION_RANGES: ClassVar[dict[str, Range]] = {
+        "decoder_embed_dim": AT_LEAST_1,
+        "decoder_depth": AT_LEAST_0,  # 0: the decoder is its embedding, norm and prediction
+        "decoder_num_heads": AT_LEAST_1,
+        "decoder_mlp_ratio": POSITIVE,
+    }
 
     def __init__(
         self,

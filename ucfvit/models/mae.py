@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -10,6 +11,7 @@ from torch import nn
 from .encoder import EncoderDecoder
 from .patch_sequence import PatchSequence, decoder_positions, is_sequence, model_input, sequence_target, token_layout
 from .patchify import patchify, unpatchify
+from .ranges import FRACTION, Range
 from .registry import FamilySpec, register_family
 from .rng import RandomSource, rand
 from .tasks import Reconstruction
@@ -31,6 +33,10 @@ class MAE(EncoderDecoder):
         linear_decoder, decoder_*: see :class:`~ucfvit.models.encoder.EncoderDecoder`.
         **encoder_kwargs: see :class:`~ucfvit.models.encoder.VisionTransformer`.
     """
+
+    OPTION_RANGES: ClassVar[dict[str, Range]] = {
+        "mask_ratio": FRACTION,
+    }
 
     def __init__(self, *, mask_ratio: float = 0.75, norm_pix_loss: bool = False, **kwargs):
         if not 0.0 <= mask_ratio < 1.0:

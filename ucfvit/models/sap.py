@@ -12,6 +12,7 @@ region: the de-patching mirrors the patching, so the output is a dense map of th
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
@@ -26,6 +27,7 @@ from .patch_sequence import (
     paste,
     token_layout,
 )
+from .ranges import AT_LEAST_1, Range
 from .registry import FamilySpec, register_family
 from .rng import RandomSource
 from .tasks import Segmentation
@@ -51,6 +53,11 @@ class SAP(EncoderDecoder):
             weights and aggregates, ``single_channel`` takes one-channel patches plus the
             variable's embedding.
     """
+
+    OPTION_RANGES: ClassVar[dict[str, Range]] = {
+        "num_classes": AT_LEAST_1,
+        "fixed_length": AT_LEAST_1,
+    }
 
     def __init__(
         self,

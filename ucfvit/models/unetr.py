@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from .patch_sequence import (
     token_layout,
 )
 from .patchify import unpatchify
+from .ranges import AT_LEAST_1, Range
 from .registry import FamilySpec, register_family
 from .rng import RandomSource
 from .tasks import Segmentation
@@ -101,6 +103,11 @@ class UNETR(VisionTransformer):
     The convolutional decoder needs ``patch_size`` = 2^k (k >= 1); it taps the blocks at
     depth * i / k for i = 1..k-1 (blocks 3, 6, 9 of 12 for patch 16).
     """
+
+    OPTION_RANGES: ClassVar[dict[str, Range]] = {
+        "num_classes": AT_LEAST_1,
+        "feature_size": AT_LEAST_1,
+    }
 
     def __init__(
         self,

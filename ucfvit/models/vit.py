@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,7 @@ from torch import nn
 
 from .encoder import PosEmbed, VisionTransformer, dropout_scale, shuffle_indices
 from .patch_sequence import masked_mean, model_input, token_layout
+from .ranges import AT_LEAST_1, FRACTION, Range
 from .registry import FamilySpec, register_family
 from .rng import RandomSource
 from .tasks import Classification
@@ -42,6 +43,12 @@ class ViT(VisionTransformer):
             ``adaptive_patching`` (a learned table needs grid positions).
         **encoder_kwargs: see :class:`~ucfvit.models.encoder.VisionTransformer`.
     """
+
+    OPTION_RANGES: ClassVar[dict[str, Range]] = {
+        "num_classes": AT_LEAST_1,
+        "drop_rate": FRACTION,
+        "patch_drop_rate": FRACTION,
+    }
 
     def __init__(
         self,

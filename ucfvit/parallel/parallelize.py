@@ -33,8 +33,6 @@ from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import parallelize_module
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from ucfvit.models.encoder import VisionTransformer
-
 from .mesh import MESH_DIMS
 from .plans import (
     ModelPlan,
@@ -42,9 +40,7 @@ from .plans import (
     check_tp_divisibility,
     match_modules,
     plan_for,
-    register_plan,
     resolve_style,
-    vit_plan,
 )
 
 __all__ = [
@@ -62,9 +58,6 @@ __all__ = [
 
 AC_MODES = ("none", "full", "selective")
 WRAP_MODES = ("auto", "model", "blocks")
-
-register_plan(VisionTransformer, vit_plan)
-
 
 # --- validation: from the model and the degrees alone --------------------------------------------
 

@@ -38,6 +38,7 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
 )
 
+from ucfvit.models.encoder import VisionTransformer
 from ucfvit.models.layers import Attention
 
 __all__ = [
@@ -199,6 +200,22 @@ def block_tp_plan(
     }
 
 
+_PLANS: dict[type, Callable[[nn.Module, bool], ModelPlan]] = {}
+
+
+def register_plan(model_cls: type, plan_fn: Callable[[nn.Module, bool], ModelPlan]) -> None:
+    """Register ``plan_fn(model, sequence_parallel) -> ModelPlan`` for instances of ``model_cls``."""
+    _PLANS[model_cls] = plan_fn
+
+
+def plan_for(model: nn.Module, sequence_parallel: bool = False) -> ModelPlan | None:
+    """The registered plan of ``model``'s class (nearest base class wins), or None."""
+    for cls in type(model).__mro__:
+        if cls in _PLANS:
+            return _PLANS[cls](model, sequence_parallel)
+    return None
+
+
 def vit_plan(model: nn.Module, sequence_parallel: bool = False) -> ModelPlan:
     """The plan of every ucfvit family: encoder ``blocks`` and, if present, ``decoder_blocks``.
 
@@ -223,20 +240,7 @@ def vit_plan(model: nn.Module, sequence_parallel: bool = False) -> ModelPlan:
     return ModelPlan(tp=tp, blocks=tuple(f"{name}.*" for name in stacks))
 
 
-_PLANS: dict[type, Callable[[nn.Module, bool], ModelPlan]] = {}
-
-
-def register_plan(model_cls: type, plan_fn: Callable[[nn.Module, bool], ModelPlan]) -> None:
-    """Register ``plan_fn(model, sequence_parallel) -> ModelPlan`` for instances of ``model_cls``."""
-    _PLANS[model_cls] = plan_fn
-
-
-def plan_for(model: nn.Module, sequence_parallel: bool = False) -> ModelPlan | None:
-    """The registered plan of ``model``'s class (nearest base class wins), or None."""
-    for cls in type(model).__mro__:
-        if cls in _PLANS:
-            return _PLANS[cls](model, sequence_parallel)
-    return None
+register_plan(VisionTransformer, vit_plan)  # every built-in family derives from VisionTransformer
 
 
 def resolve_style(style: StyleSpec) -> ParallelStyle:

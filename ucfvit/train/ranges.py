@@ -5,19 +5,21 @@
 against it and raises one :class:`~ucfvit.train.config.ConfigError` naming the command-line flag,
 the value and the range. It runs first in ``validate_config``, so a value that would later divide
 by zero, overflow, or trip an assertion deep inside FSDP is refused with a one-line message, before
-the model is built or the run directory is touched. A new numeric option needs an entry here
-(``tests/test_validate.py`` fails otherwise).
+the model is built or the run directory is touched. A new numeric training option needs an entry in
+:data:`TRAINING_RANGES`; a new numeric model option declares its range next to its constructor
+(:mod:`ucfvit.models.ranges`). ``tests/test_validate.py`` fails while an option has no range.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
+
+from ucfvit.models import FAMILIES
+from ucfvit.models.ranges import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Range, option_ranges
 
 from .config import Config, ConfigError, DatasetConfig
 from .optim import peak_lr
@@ -25,50 +27,7 @@ from .optim import peak_lr
 __all__ = ["RANGES", "Range", "check_ranges", "flag", "numeric_fields"]
 
 
-@dataclass(frozen=True)
-class Range:
-    """An interval of allowed values; ``None`` bounds are open-ended, floats must also be finite."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    """``low`` itself is excluded."""
-    high_open: bool = False
-    """``high`` itself is excluded."""
-
-    def __contains__(self, value: float) -> bool:
-        if isinstance(value, float) and not math.isfinite(value):
-            return False
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            return False
-        return self.high is None or (value < self.high or (not self.high_open and value == self.high))
-
-    def __str__(self) -> str:
-        if self.low is not None and self.high is not None:
-            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-            return f"{left}{_number(self.low)}, {_number(self.high)}{right}"
-        if self.low is not None:
-            return f"{'>' if self.low_open else '>='} {_number(self.low)}"
-        if self.high is not None:
-            return f"{'<' if self.high_open else '<='} {_number(self.high)}"
-        return "any value"
-
-
-def _number(x: float) -> str:
-    """``2**64 - 1`` rather than its 20 digits."""
-    for k in range(20, 65):
-        for offset, text in ((0, ""), (1, " - 1")):
-            if x == 2**k - offset:
-                return f"2**{k}{text}"
-    return f"{x:g}" if isinstance(x, float) else str(x)
-
-
-AT_LEAST_1 = Range(1)
-AT_LEAST_0 = Range(0)
-POSITIVE = Range(0, low_open=True)
-FRACTION = Range(0, 1, high_open=True)  # a probability that must leave something: dropout, masking
-
-RANGES: dict[str, Range] = {
+TRAINING_RANGES: dict[str, Range] = {
     # Forward noise is keyed by the step modulo 2**32: more steps would repeat it.
     "max_steps": Range(1, 2**32),
     # The synthetic data draws shapes of classes 1..n-1 on a background class 0.
@@ -113,32 +72,23 @@ RANGES: dict[str, Range] = {
     # non-negative seeds below 2**64 are the ones that give distinct runs.
     "run.seed": Range(0, 2**64 - 1),
     "run.collective_timeout": POSITIVE,  # seconds; finite, as every float here
-    # --arch.* (None: the family's default, not checked)
-    "arch.img_size": AT_LEAST_1,  # per entry
-    "arch.patch_size": AT_LEAST_1,
-    "arch.in_chans": AT_LEAST_1,
-    "arch.embed_dim": AT_LEAST_1,
-    "arch.depth": AT_LEAST_1,
-    "arch.num_heads": AT_LEAST_1,
-    "arch.mlp_ratio": POSITIVE,
-    "arch.drop_path_rate": FRACTION,
-    "arch.attn_drop_rate": FRACTION,
-    "arch.proj_drop_rate": FRACTION,
-    "arch.pos_drop_rate": FRACTION,
-    # 0 is meaningful: residual branches start switched off and their scale learns (ReZero).
-    "arch.init_values": AT_LEAST_0,
-    "arch.fixed_length": AT_LEAST_1,
-    "arch.num_classes": AT_LEAST_1,
-    "arch.drop_rate": FRACTION,
-    "arch.patch_drop_rate": FRACTION,
-    "arch.decoder_embed_dim": AT_LEAST_1,
-    "arch.decoder_depth": AT_LEAST_0,  # 0: the decoder is its embedding, norm and prediction
-    "arch.decoder_num_heads": AT_LEAST_1,
-    "arch.decoder_mlp_ratio": POSITIVE,
-    "arch.mask_ratio": FRACTION,
-    "arch.feature_size": AT_LEAST_1,
-    "arch.time_steps": AT_LEAST_1,
 }
+
+
+def _arch_ranges() -> dict[str, Range]:
+    """``arch.<option>`` -> the range its constructor declares (see :mod:`ucfvit.models.ranges`); an
+    option that several families take must have one range."""
+    out: dict[str, Range] = {}
+    for spec in FAMILIES.values():
+        for name, allowed in option_ranges(spec.model).items():
+            if out.setdefault(f"arch.{name}", allowed) != allowed:
+                raise ValueError(f"{spec.model.__name__} declares the range of {name} as {allowed}, others as "
+                                 f"{out['arch.' + name]}: an option has one range")  # fmt: skip
+    return out
+
+
+RANGES: dict[str, Range] = {**TRAINING_RANGES, **_arch_ranges()}
+"""Every numeric option's range, dotted path -> Range (``--arch.*``: None is the family's default, not checked)."""
 
 
 def flag(path: str) -> str:
