@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
 
 import torch
 
-from ucfvit.train.cli import parse
+from ucfvit.train.cli import as_argv, parse
 from ucfvit.train.config import ConfigError
 from ucfvit.train.trainer import train
 
@@ -63,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", help="where the two runs go (default: a temporary directory)")
     args, rest = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.steps < 2 * args.window or args.window < 1:
-        print(f"bf16_curve.py: error: --steps {args.steps} must be at least twice --window {args.window} (>= 1)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"bf16_curve.py: error: --steps {args.steps} must be at least twice --window {args.window} (>= 1)",
+            file=sys.stderr,
+        )
         return 2
     if args.run_dir is not None:  # before training anything: nothing there is overwritten
         root = Path(args.run_dir)
@@ -80,9 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         curves, seen = {}, {}
         try:
             for dtype in ("float32", "bfloat16"):
-                argv = ["--model", "vit", *shape, "--max-steps", str(args.steps), "--metrics.log-every", "1",
-                        "--run.dir", str(root / dtype), "--checkpoint.resume", "none", *rest,
-                        "--parallel.param-dtype", dtype]  # fmt: skip
+                run = {
+                    "--model": "vit",
+                    "--max-steps": args.steps,
+                    "--metrics.log-every": 1,
+                    "--run.dir": root / dtype,
+                    "--checkpoint.resume": "none",
+                }
+                argv = [*as_argv(run), *shape, *rest, *as_argv({"--parallel.param-dtype": dtype})]
                 cfg = parse(argv, accelerator=not tiny)
                 train(cfg)
                 curves[dtype] = losses_of(root / dtype)
@@ -95,11 +102,19 @@ def main(argv: list[str] | None = None) -> int:
                 torch.distributed.destroy_process_group()
     fp32, bf16 = curves["float32"], curves["bfloat16"]
     record = {
-        "model": cfg.model, "size": cfg.model_size, "img_size": list(cfg.arch.img_size), "steps": args.steps,
-        "window": args.window, "param_dtypes": seen, "fp32_first": fp32[0], "fp32_last": fp32[-1],
-        "bf16_first": bf16[0], "bf16_last": bf16[-1], **compare(fp32, bf16, args.window, args.window),
+        "model": cfg.model,
+        "size": cfg.model_size,
+        "img_size": list(cfg.arch.img_size),
+        "steps": args.steps,
+        "window": args.window,
+        "param_dtypes": seen,
+        "fp32_first": fp32[0],
+        "fp32_last": fp32[-1],
+        "bf16_first": bf16[0],
+        "bf16_last": bf16[-1],
+        **compare(fp32, bf16, args.window, args.window),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-    }  # fmt: skip
+    }
     print(json.dumps(record), flush=True)
     return 0
 

@@ -36,17 +36,41 @@ from ucfvit.parallel import parse_mesh
 from ucfvit.train.run_dir import LOCK, STALE_AFTER_S
 
 COLUMNS = [
-    "name", "model", "size", "scaling", "mesh_rule", "nodes", "gpus", "mesh", "global_batch", "status", "records",
-    "images_per_s", "images_per_s_per_gpu", "efficiency", "tflops_per_gpu", "mfu", "peak_mem_gib", "run_dir",
-]  # fmt: skip
+    "name",
+    "model",
+    "size",
+    "scaling",
+    "mesh_rule",
+    "nodes",
+    "gpus",
+    "mesh",
+    "global_batch",
+    "status",
+    "records",
+    "images_per_s",
+    "images_per_s_per_gpu",
+    "efficiency",
+    "tflops_per_gpu",
+    "mfu",
+    "peak_mem_gib",
+    "run_dir",
+]
 # Markdown table: (header, column, format)
 TABLE = [
-    ("run", "name", "{}"), ("scaling", "scaling", "{}"), ("nodes", "nodes", "{}"), ("GPUs", "gpus", "{}"),
-    ("mesh", "mesh", "{}"), ("global batch", "global_batch", "{}"), ("status", "status", "{}"),
-    ("images/s", "images_per_s", "{:.1f}"), ("images/s/GPU", "images_per_s_per_gpu", "{:.2f}"),
-    ("efficiency", "efficiency", "{:.2f}"), ("TFLOP/s/GPU", "tflops_per_gpu", "{:.4g}"),
-    ("MFU", "mfu", "{:.1%}"), ("memory GiB", "peak_mem_gib", "{:.2f}"),
-]  # fmt: skip
+    ("run", "name", "{}"),
+    ("scaling", "scaling", "{}"),
+    ("nodes", "nodes", "{}"),
+    ("GPUs", "gpus", "{}"),
+    ("mesh", "mesh", "{}"),
+    ("global batch", "global_batch", "{}"),
+    ("status", "status", "{}"),
+    ("images/s", "images_per_s", "{:.1f}"),
+    ("images/s/GPU", "images_per_s_per_gpu", "{:.2f}"),
+    ("efficiency", "efficiency", "{:.2f}"),
+    ("TFLOP/s/GPU", "tflops_per_gpu", "{:.4g}"),
+    ("MFU", "mfu", "{:.1%}"),
+    ("memory GiB", "peak_mem_gib", "{:.2f}"),
+]
 PLOTS = {  # file -> (column, y label)
     "throughput.png": ("images_per_s", "images/s"),
     "efficiency.png": ("efficiency", "scaling efficiency"),
@@ -92,11 +116,15 @@ def measure(run: dict, skip: int, peak_tflops: float | None) -> dict:
         mfu = tflops / (gpus * peak_tflops)
     memory = [r["peak_mem_gib"] for r in kept if isinstance(r.get("peak_mem_gib"), numbers.Real)]
     return {
-        **run, "status": status_of(run_dir, train), "records": len(kept), "images_per_s": images,
+        **run,
+        "status": status_of(run_dir, train),
+        "records": len(kept),
+        "images_per_s": images,
         "images_per_s_per_gpu": None if images is None else images / gpus,
-        "tflops_per_gpu": None if tflops is None else tflops / gpus, "mfu": mfu,
+        "tflops_per_gpu": None if tflops is None else tflops / gpus,
+        "mfu": mfu,
         "peak_mem_gib": max(memory) if memory else None,
-    }  # fmt: skip
+    }
 
 
 def series_key(row: dict) -> tuple:
@@ -137,9 +165,17 @@ def run_from_dir(path: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError):
         mesh, gpus, model, size, batch = "", None, "", "", None
     return {
-        "name": path.name, "model": model, "size": size, "scaling": "", "mesh_rule": "", "nodes": None,
-        "gpus": gpus, "mesh": mesh, "global_batch": batch, "run_dir": str(path),
-    }  # fmt: skip
+        "name": path.name,
+        "model": model,
+        "size": size,
+        "scaling": "",
+        "mesh_rule": "",
+        "nodes": None,
+        "gpus": gpus,
+        "mesh": mesh,
+        "global_batch": batch,
+        "run_dir": str(path),
+    }
 
 
 def collect(paths: list[Path], skip: int = 2, peak_tflops: float | None = None) -> list[dict]:
@@ -161,15 +197,18 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def markdown(rows: list[dict], skip: int, plots: list[str]) -> str:
     lines = [
-        "# Scaling sweep", "",
+        "# Scaling sweep",
+        "",
         f"Means over time after the first {skip} training records of each run; efficiency against the run of "
-        "the series with the fewest GPUs (see benchmarks/collect.py).", "",
-    ]  # fmt: skip
+        "the series with the fewest GPUs (see benchmarks/collect.py).",
+        "",
+    ]
     for model, size in dict.fromkeys((r["model"], r["size"]) for r in rows):
         lines += [f"## {model or '?'}:{size or '?'}", ""]
         lines.append("| " + " | ".join(h for h, _, _ in TABLE) + " |")
-        lines.append("|" + "|".join("---" if c in ("name", "scaling", "mesh", "status") else "---:"
-                                     for _, c, _ in TABLE) + "|")  # fmt: skip
+        lines.append(
+            "|" + "|".join("---" if c in ("name", "scaling", "mesh", "status") else "---:" for _, c, _ in TABLE) + "|"
+        )
         for r in rows:
             if (r["model"], r["size"]) == (model, size):
                 cells = ["–" if r[c] in (None, "") else fmt.format(r[c]) for _, c, fmt in TABLE]
@@ -240,9 +279,19 @@ def main(argv: list[str] | None = None) -> None:
     series = {
         label(key): {c: [r[c] for r in rows if series_key(r) == key] for c in ("gpus", "images_per_s", "efficiency")}
         for key in dict.fromkeys(series_key(r) for r in rows)
-    }  # fmt: skip
-    print(json.dumps({"benchmark": "scaling_collect", "out": str(out), "skip": args.skip, "runs": len(rows),
-                      "status": statuses, "series": series}))  # fmt: skip
+    }
+    print(
+        json.dumps(
+            {
+                "benchmark": "scaling_collect",
+                "out": str(out),
+                "skip": args.skip,
+                "runs": len(rows),
+                "status": statuses,
+                "series": series,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

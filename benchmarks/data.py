@@ -81,13 +81,21 @@ def main() -> None:
     torch.set_num_threads(1)
     malloc_tuned = keep_freed_memory()  # as in every loader worker
     t = 0.05 if args.quick else args.min_time
-    out: dict = {"benchmark": "data", "date": datetime.date.today().isoformat(), "cpu": platform.processor() or
-                 platform.machine(), "cores": os.cpu_count(), "quick": args.quick,
-                 "worker_malloc_tuned": malloc_tuned}  # fmt: skip
+    out: dict = {
+        "benchmark": "data",
+        "date": datetime.date.today().isoformat(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "quick": args.quick,
+        "worker_malloc_tuned": malloc_tuned,
+    }
 
     # Quadtree (2D) and octree (3D) patching, one thread: images (volumes) per second.
-    cases2d = [(64, 1, 16, 16), (64, 3, 16, 16)] if args.quick else [
-        (512, 3, 1024, 16), (512, 3, 4096, 8), (1024, 3, 1024, 16), (1024, 3, 4096, 8)]  # fmt: skip
+    cases2d = (
+        [(64, 1, 16, 16), (64, 3, 16, 16)]
+        if args.quick
+        else [(512, 3, 1024, 16), (512, 3, 4096, 8), (1024, 3, 1024, 16), (1024, 3, 4096, 8)]
+    )
     for side, chans, length, min_patch in cases2d:
         x = image((side, side), chans)
         r = rate(lambda x=x, n=length, m=min_patch: adaptive_patches(x, 16, n, m), t)
@@ -115,8 +123,9 @@ def main() -> None:
         # NIfTI tiling: a float32 .nii volume cut into tiles and collated four to a batch, GB/s of tiles;
         # the first pass maps the file's pages into this process, later passes (epochs) find them mapped.
         vol, tile = (64, 32) if args.quick else (512, 128)
-        nib.save(nib.Nifti1Image(np.random.default_rng(0).random((vol,) * 3, dtype=np.float32), np.eye(4)),
-                 root / "v.nii")  # fmt: skip
+        nib.save(
+            nib.Nifti1Image(np.random.default_rng(0).random((vol,) * 3, dtype=np.float32), np.eye(4)), root / "v.nii"
+        )
         vdata = DataConfig(kind="nifti", root=root, tile=(tile,) * 3, normalize="none")
         vspec = InputSpec(img_size=(tile,) * 3, channels=1, variables=("x",))
         vindex = {"nifti": build_index("nifti", vdata, get_reader("nifti")(spatial_ndim=3), vspec.img_size)}
@@ -137,8 +146,12 @@ def main() -> None:
         start = time.perf_counter()
         got = sum(len(b["image"]) for b in it)
         delivered = got / (time.perf_counter() - start)
-        out.update(workers=args.workers, loader_images_per_s=round(delivered, 1), need_images_per_s=args.need,
-                   keeps_up=delivered >= args.need)  # fmt: skip
+        out.update(
+            workers=args.workers,
+            loader_images_per_s=round(delivered, 1),
+            need_images_per_s=args.need,
+            keeps_up=delivered >= args.need,
+        )
     print(json.dumps(out))
 
 

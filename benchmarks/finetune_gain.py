@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from ucfvit.eval.plots import plot_runs, read_metrics
+from ucfvit.train.cli import as_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "recipes" / "train.py"
@@ -71,40 +72,62 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         mae, runs = args.out / f"seed{seed}" / "mae", {}
         mae.parent.mkdir()
-        pretrain = [
-            "--model", "mae", "--run.seed", str(seed), "--max-steps", str(args.pretrain_steps),
-            "--data.global-batch-size", str(args.pretrain_batch), "--schedule.warmup-steps",
-            str(min(100, args.pretrain_steps // 10)), "--eval.every", str(args.pretrain_steps),
-            "--metrics.log-every", str(max(1, args.pretrain_steps // 30)),
-        ]  # fmt: skip
+        pretrain = as_argv(
+            {
+                "--model": "mae",
+                "--run.seed": seed,
+                "--max-steps": args.pretrain_steps,
+                "--data.global-batch-size": args.pretrain_batch,
+                "--schedule.warmup-steps": min(100, args.pretrain_steps // 10),
+                "--eval.every": args.pretrain_steps,
+                "--metrics.log-every": max(1, args.pretrain_steps // 30),
+            }
+        )
         wall += _train(mae, pretrain, mae.parent / "mae.log")
         for name, extra in (("scratch", []), ("from_mae", ["--init.from", str(mae)])):
-            finetune = [
-                "--model", "unetr", "--arch.class-token", "True", "--run.seed", str(seed),
-                "--max-steps", str(args.finetune_steps), "--eval.every", str(every), "--metrics.log-every", str(every),
-            ]  # fmt: skip
+            finetune = as_argv(
+                {
+                    "--model": "unetr",
+                    "--arch.class-token": True,
+                    "--run.seed": seed,
+                    "--max-steps": args.finetune_steps,
+                    "--eval.every": every,
+                    "--metrics.log-every": every,
+                }
+            )
             wall += _train(mae.parent / name, finetune + extra, mae.parent / f"{name}.log")
             runs[name] = _last_eval(mae.parent / name)
         plot = plot_runs(
-            [mae.parent / "scratch", mae.parent / "from_mae"], args.out / f"finetune_seed{seed}.png",
+            [mae.parent / "scratch", mae.parent / "from_mae"],
+            args.out / f"finetune_seed{seed}.png",
             labels=["UNETR from scratch", "UNETR from the MAE"],
-        )  # fmt: skip
+        )
         pre = _last_eval(mae)
-        seeds.append({
-            "seed": seed,
-            "mae": {k: pre[k] for k in ("step", "psnr", "psnr_masked_input", "ssim", "ssim_masked_input")},
-            **{name: {k: r[k] for k in ("step", "loss", "mean_dice", "mean_iou")} for name, r in runs.items()},
-            "loss_gain": runs["scratch"]["loss"] - runs["from_mae"]["loss"],
-            "plot": str(plot),
-        })  # fmt: skip
-    print(json.dumps({
-        "benchmark": "finetune_gain",
-        "pretrain_steps": args.pretrain_steps, "pretrain_batch": args.pretrain_batch,
-        "finetune_steps": args.finetune_steps,
-        "from_mae_lower_loss": sum(s["loss_gain"] > 0 for s in seeds), "seeds_run": len(seeds),
-        "seeds": seeds, "wall_s": round(wall, 1),
-        "host": platform.node(), "date": datetime.date.today().isoformat(),
-    }))  # fmt: skip
+        seeds.append(
+            {
+                "seed": seed,
+                "mae": {k: pre[k] for k in ("step", "psnr", "psnr_masked_input", "ssim", "ssim_masked_input")},
+                **{name: {k: r[k] for k in ("step", "loss", "mean_dice", "mean_iou")} for name, r in runs.items()},
+                "loss_gain": runs["scratch"]["loss"] - runs["from_mae"]["loss"],
+                "plot": str(plot),
+            }
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "finetune_gain",
+                "pretrain_steps": args.pretrain_steps,
+                "pretrain_batch": args.pretrain_batch,
+                "finetune_steps": args.finetune_steps,
+                "from_mae_lower_loss": sum(s["loss_gain"] > 0 for s in seeds),
+                "seeds_run": len(seeds),
+                "seeds": seeds,
+                "wall_s": round(wall, 1),
+                "host": platform.node(),
+                "date": datetime.date.today().isoformat(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

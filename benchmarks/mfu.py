@@ -55,7 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ucfvit.models import SampleRNG, build_model, get_family
 from ucfvit.parallel import apply_compile, clip_grad_norm_, make_mesh, parallelize, parse_mesh
-from ucfvit.train.cli import parse
+from ucfvit.train.cli import as_argv, parse
 from ucfvit.train.config import Config, ConfigError
 from ucfvit.train.optim import build_optimizer
 from ucfvit.train.plan import build_checked_model, model_kwargs
@@ -124,16 +124,32 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 # Recipe options each case sets itself.
-_OWN_RECIPE_FLAGS = {"--model", "--model-size", "--mesh", "--arch.img-size", "--arch.patch-size", "--arch.in-chans",
-                     "--data.global-batch-size", "--data.micro-batch-size"}  # fmt: skip
+_OWN_RECIPE_FLAGS = {
+    "--model",
+    "--model-size",
+    "--mesh",
+    "--arch.img-size",
+    "--arch.patch-size",
+    "--arch.in-chans",
+    "--data.global-batch-size",
+    "--data.micro-batch-size",
+}
 
 
 def recipe(case: Case, batch: int, rest: list[str]) -> Config:
     """The training recipe of ``case``: the GPU preset (also on a CPU, so the harness runs the GPU
     settings there), the case's shape, then ``rest``."""
-    argv = ["--model", case.model, "--model-size", case.size, "--mesh", "1x1x1",
-            "--arch.img-size", *map(str, case.img_size), "--arch.patch-size", str(case.patch),
-            "--arch.in-chans", str(case.in_chans), "--data.global-batch-size", str(batch)]  # fmt: skip
+    argv = as_argv(
+        {
+            "--model": case.model,
+            "--model-size": case.size,
+            "--mesh": "1x1x1",
+            "--arch.img-size": case.img_size,
+            "--arch.patch-size": case.patch,
+            "--arch.in-chans": case.in_chans,
+            "--data.global-batch-size": batch,
+        }
+    )
     for name, value in case.arch.items():
         argv += [f"--arch.{name.replace('_', '-')}", str(value)]
     return parse([*argv, *rest], accelerator=True)
@@ -197,10 +213,14 @@ def production(cfg: Config, flops: float, device: torch.device, backend: str | N
 
     dtype = options["param_dtype"]
     settings = {
-        "param_dtype": "bfloat16" if dtype is not None else "float32", "master_weights": "float32",
-        "compile": options["compile"], "wrap": cfg.parallel.wrap, "ac": cfg.parallel.activation_checkpointing,
-        "fused_adamw": bool(optimizer.defaults.get("fused")), "grad_clip": cfg.optim.grad_clip,
-    }  # fmt: skip
+        "param_dtype": "bfloat16" if dtype is not None else "float32",
+        "master_weights": "float32",
+        "compile": options["compile"],
+        "wrap": cfg.parallel.wrap,
+        "ac": cfg.parallel.activation_checkpointing,
+        "fused_adamw": bool(optimizer.defaults.get("fused")),
+        "grad_clip": cfg.optim.grad_clip,
+    }
     return Variant(step, flops, settings)
 
 
@@ -224,9 +244,13 @@ def ceiling(cfg: Config, flops: float, device: torch.device, backend: str | None
     apply_compile([model], backend=backend)
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
-        fused=fused, foreach=None if fused else True,
-    )  # fmt: skip
+        model.parameters(),
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
+        weight_decay=cfg.optim.weight_decay,
+        fused=fused,
+        foreach=None if fused else True,
+    )
     extra = spec.build_extra(model)
     data = random_batch(model, batch, device, torch.bfloat16)
 
@@ -269,8 +293,13 @@ def timm_variant(case: Case, batch: int, device: torch.device, backend: str | No
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    settings = {"param_dtype": "float32", "autocast": "bfloat16", "compile": backend or True, "fused_adamw": fused,
-                "timm": f"{case.timm} (timm {timm.__version__})"}  # fmt: skip
+    settings = {
+        "param_dtype": "float32",
+        "autocast": "bfloat16",
+        "compile": backend or True,
+        "fused_adamw": fused,
+        "timm": f"{case.timm} (timm {timm.__version__})",
+    }
     return Variant(step, flops, settings)
 
 
@@ -312,12 +341,14 @@ def measure(variant: Variant, args: argparse.Namespace, device: torch.device, pe
     _sync(device)
     step_s = (time.perf_counter() - start) / args.steps
     out = {
-        "step_ms": 1e3 * step_s, "tflops": variant.flops / step_s / 1e12,
+        "step_ms": 1e3 * step_s,
+        "tflops": variant.flops / step_s / 1e12,
         "mfu": None if peak is None else variant.flops / step_s / peak,
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "recompiled_while_timed": counters["stats"]["unique_graphs"] > graphs,
-        "flops_per_step": variant.flops, "settings": variant.settings,
-    }  # fmt: skip
+        "flops_per_step": variant.flops,
+        "settings": variant.settings,
+    }
     if args.profile:
         out |= profile(variant.step, device, args.warmup + args.steps)
     return out
@@ -329,10 +360,17 @@ def run_case(name: str, case: Case, cfg: Config, args, device: torch.device) -> 
     peak, batch = peak_flops(device), cfg.data.global_batch_size
     flops = recipe_flops(cfg)  # the same model in the ceiling and the production path
     base = {
-        "case": name, "model": case.model, "size": case.size, "img_size": list(case.img_size), "patch": case.patch,
-        "batch": batch, "steps": args.steps, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else "cpu", "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-    }  # fmt: skip
+        "case": name,
+        "model": case.model,
+        "size": case.size,
+        "img_size": list(case.img_size),
+        "patch": case.patch,
+        "batch": batch,
+        "steps": args.steps,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
     builders = {"ceiling": lambda: ceiling(cfg, flops, device, args.backend)}
     if args.compare == "timm" and case.timm:
         builders["timm"] = lambda: timm_variant(case, batch, device, args.backend)

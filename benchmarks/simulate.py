@@ -111,9 +111,18 @@ def _comm_rows(volume: CommVolume, phase: str) -> list[dict]:
         key = (phase, c.dims, c.op, c.functional, c.group_size)
         row = rows.setdefault(
             key,
-            dict(phase=phase, dims=c.dims, op=c.op, functional=c.functional, group_size=c.group_size,
-                 ring_steps=c.ring_steps, count=0, payload_bytes=0, sent_bytes=0.0),
-        )  # fmt: skip
+            dict(
+                phase=phase,
+                dims=c.dims,
+                op=c.op,
+                functional=c.functional,
+                group_size=c.group_size,
+                ring_steps=c.ring_steps,
+                count=0,
+                payload_bytes=0,
+                sent_bytes=0.0,
+            ),
+        )
         row["count"] += 1
         row["payload_bytes"] += c.payload_bytes
         row["sent_bytes"] += c.sent_bytes
@@ -157,8 +166,11 @@ def trace(cfg: Config) -> dict:
         batch = {k: fake.from_tensor(v) for k, v in real_batch.items()}
         optimizer = torch.optim.AdamW(
             param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay),
-            lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, foreach=False,
-        )  # fmt: skip
+            lr=cfg.optim.lr,
+            betas=cfg.optim.betas,
+            eps=cfg.optim.eps,
+            foreach=False,
+        )
         extra = spec.build_extra(model)
 
         def batches() -> Iterator[dict]:
@@ -377,8 +389,11 @@ def evaluate_mesh(cfg: Config, shape: MeshShape, cluster: Cluster, budget_gib: f
             return {"mesh": str(shape), "figures": tried[ac]}
     if "full" not in tried:
         peak = min(t["memory_gib"]["peak"] for t in tried.values()) if tried else float("nan")
-        return {"mesh": str(shape), "why": f"peak {peak:.3g} GiB without full checkpointing, which is refused "
-                f"here ({refused}); --parallel.no-compile allows it"}  # fmt: skip
+        return {
+            "mesh": str(shape),
+            "why": f"peak {peak:.3g} GiB without full checkpointing, which is refused "
+            f"here ({refused}); --parallel.no-compile allows it",
+        }
     return {"mesh": str(shape), "figures": tried["full"]}
 
 
@@ -516,11 +531,18 @@ def main(argv: list[str] | None = None) -> int:
             )
             found = search(cfg, cluster, own.nodes, budget, own.exact, own.jobs, log=lambda s: print(s, flush=True))
             print(search_table(found["fits"], own.top))
-            print(f"{len(found['fits'])} meshes fit, {len(found['rejected'])} do not "
-                  f"({time.perf_counter() - started:.0f} s)")  # fmt: skip
-            record = {"search": found["fits"][: own.top], "fitting": len(found["fits"]),
-                      "rejected": found["rejected"], "budget_gib": budget, "nodes": own.nodes,
-                      "seconds": time.perf_counter() - started}  # fmt: skip
+            print(
+                f"{len(found['fits'])} meshes fit, {len(found['rejected'])} do not "
+                f"({time.perf_counter() - started:.0f} s)"
+            )
+            record = {
+                "search": found["fits"][: own.top],
+                "fitting": len(found["fits"]),
+                "rejected": found["rejected"],
+                "budget_gib": budget,
+                "nodes": own.nodes,
+                "seconds": time.perf_counter() - started,
+            }
         else:
             traced = trace(cfg)
             record = figures(cfg, traced, cluster)

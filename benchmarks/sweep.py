@@ -52,7 +52,7 @@ import torch
 
 from ucfvit.models import build_model, get_family, list_sizes
 from ucfvit.parallel import MeshShape, check_parallelizable, parse_mesh
-from ucfvit.train.cli import parse
+from ucfvit.train.cli import as_argv, parse
 from ucfvit.train.config import ConfigError
 from ucfvit.train.plan import model_kwargs
 from ucfvit.train.ranges import check_ranges
@@ -79,8 +79,15 @@ SYSTEMS = {
     "dgx": System("launch/dgx/train.sbatch", 8, PEAK_BF16["H100"] / 1e12, ("--gpus-per-node=8", "--exclusive")),
 }
 # Options every run gets from the sweep itself; --extra may not set them.
-SWEEP_OPTIONS = ("--model", "--model-size", "--mesh", "--data.global-batch-size", "--max-steps", "--run.dir",
-                 "--config")  # fmt: skip
+SWEEP_OPTIONS = (
+    "--model",
+    "--model-size",
+    "--mesh",
+    "--data.global-batch-size",
+    "--max-steps",
+    "--run.dir",
+    "--config",
+)
 
 
 class SweepError(ValueError):
@@ -234,8 +241,11 @@ def plan(args: argparse.Namespace) -> list[Run]:
         raise SweepError(f"--time {args.time}: write HH:MM:SS (or D-HH:MM:SS)")
     if any(n <= 0 for n in args.nodes):
         raise SweepError(f"--nodes {' '.join(map(str, args.nodes))}: node counts are positive")
-    for flag, value in (("--per-gpu-batch", args.per_gpu_batch), ("--global-batch", args.global_batch),
-                        ("--steps", args.steps)):  # fmt: skip
+    for flag, value in (
+        ("--per-gpu-batch", args.per_gpu_batch),
+        ("--global-batch", args.global_batch),
+        ("--steps", args.steps),
+    ):
         if value is not None and value <= 0:
             raise SweepError(f"{flag} {value}: must be positive")
     if args.global_batch is not None and args.scaling == "weak":
@@ -283,21 +293,45 @@ def plan(args: argparse.Namespace) -> list[Run]:
                             f"{batch // shape.dp_size} of {kind} scaling on mesh {shape}"
                         )
                     name = f"{model}-{size}-{kind}-n{n}-{shape}"
-                    train_args = [
-                        "--model", model, "--model-size", size, "--mesh", str(shape),
-                        "--data.global-batch-size", str(batch), "--max-steps", str(args.steps),
-                        "--run.dir", str(out / "runs" / name), *extra,
-                    ]  # fmt: skip
-                    runs.append(Run(name, args.system, n, gpus, str(shape), rule, model, size, kind, batch,
-                                    f"runs/{name}", f"scripts/{name}.sbatch", train_args))  # fmt: skip
+                    options = {
+                        "--model": model,
+                        "--model-size": size,
+                        "--mesh": shape,
+                        "--data.global-batch-size": batch,
+                        "--max-steps": args.steps,
+                        "--run.dir": out / "runs" / name,
+                    }
+                    train_args = [*as_argv(options), *extra]
+                    run = Run(
+                        name=name,
+                        system=args.system,
+                        nodes=n,
+                        gpus=gpus,
+                        mesh=str(shape),
+                        mesh_rule=rule,
+                        model=model,
+                        size=size,
+                        scaling=kind,
+                        global_batch=batch,
+                        run_dir=f"runs/{name}",
+                        script=f"scripts/{name}.sbatch",
+                        train_args=train_args,
+                    )
+                    runs.append(run)
     return runs
 
 
 def script_text(run: Run, args: argparse.Namespace, out: Path) -> str:
     """A complete sbatch script for ``run``: its #SBATCH lines, then the launcher with the run's options."""
     system = SYSTEMS[run.system]
-    directives = ["-J " + run.name, "-A " + args.account, f"-N {run.nodes}", "-t " + args.time,
-                  f"-o {out / 'logs' / run.name}-%j.out", *system.directives]  # fmt: skip
+    directives = [
+        "-J " + run.name,
+        "-A " + args.account,
+        f"-N {run.nodes}",
+        "-t " + args.time,
+        f"-o {out / 'logs' / run.name}-%j.out",
+        *system.directives,
+    ]
     if args.partition:
         directives.append("-p " + args.partition)
     lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives)]
@@ -339,11 +373,15 @@ def write(runs: list[Run], args: argparse.Namespace) -> Path:
     (out / "submit_all.sh").chmod(0o755)
     system = SYSTEMS[args.system]
     manifest = {
-        "system": args.system, "gpus_per_node": system.gpus_per_node, "peak_tflops_per_gpu": system.peak_tflops,
-        "steps": args.steps, "launcher_args": args.launcher_args,
+        "system": args.system,
+        "gpus_per_node": system.gpus_per_node,
+        "peak_tflops_per_gpu": system.peak_tflops,
+        "steps": args.steps,
+        "launcher_args": args.launcher_args,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": [Path(sys.argv[0]).name, *args.argv], "runs": [asdict(r) for r in runs],
-    }  # fmt: skip
+        "command": [Path(sys.argv[0]).name, *args.argv],
+        "runs": [asdict(r) for r in runs],
+    }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return out
 
@@ -383,8 +421,10 @@ def main(argv: list[str] | None = None) -> None:
     print(summary(runs, write(runs, args)))
     container = any(a.split("=")[0] in ("--image", "--no-container") for a in args.launcher_args)
     if args.system == "dgx" and not container and not os.environ.get("UCFVIT_IMAGE"):
-        print("note: the DGX launcher needs a container: export UCFVIT_IMAGE before submitting, or regenerate with "
-              "--launcher-args='--image IMAGE' (or '--no-container')")  # fmt: skip
+        print(
+            "note: the DGX launcher needs a container: export UCFVIT_IMAGE before submitting, or regenerate with "
+            "--launcher-args='--image IMAGE' (or '--no-container')"
+        )
 
 
 if __name__ == "__main__":

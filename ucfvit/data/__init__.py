@@ -9,6 +9,14 @@ from .readers import DataError, Reader, register_reader
 from .synthetic import SyntheticImages
 
 __all__ = [
-    "DataConfig", "DataError", "DatasetConfig", "InputSpec", "Reader", "Source", "SyntheticImages", "build_dataset",
-    "register_reader", "register_source",
-]  # fmt: skip
+    "DataConfig",
+    "DataError",
+    "DatasetConfig",
+    "InputSpec",
+    "Reader",
+    "Source",
+    "SyntheticImages",
+    "build_dataset",
+    "register_reader",
+    "register_source",
+]

@@ -69,8 +69,10 @@ class LoadPlan:
 
     def describe(self) -> str:
         how = "--data.groups" if self.manual else "automatic"
-        rows = [f"data plan ({how}; {self.local_batch} samples per rank per step; an epoch is "
-                f"{self.epoch_steps or 'endless'} steps):"]  # fmt: skip
+        rows = [
+            f"data plan ({how}; {self.local_batch} samples per rank per step; an epoch is "
+            f"{self.epoch_steps or 'endless'} steps):"
+        ]
         for d, name in enumerate(self.names):
             steps = self.steps_per_epoch(d)
             reuse = "" if steps is None or not self.epoch_steps else f", read {self.epoch_steps / steps:.2f}x per epoch"
@@ -82,9 +84,13 @@ class LoadPlan:
 
     def to_dict(self) -> dict:
         return {
-            "names": list(self.names), "samples": list(self.samples), "ranks": list(self.ranks),
-            "local_batch": self.local_batch, "manual": self.manual, "epoch_steps": self.epoch_steps,
-        }  # fmt: skip
+            "names": list(self.names),
+            "samples": list(self.samples),
+            "ranks": list(self.ranks),
+            "local_batch": self.local_batch,
+            "manual": self.manual,
+            "epoch_steps": self.epoch_steps,
+        }
 
 
 def plan_load(

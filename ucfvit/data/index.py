@@ -173,8 +173,9 @@ def build_index(
             )
         extent = tile_extent(cfg, img_size, len(shape), item.path)
         count = int(np.prod([len(s) for s in axis_starts(cfg, shape, extent, item.path)]))
-        entries.append({"path": item.path, "label": item.label, "mask": item.mask, "channels": channels,
-                        "shape": list(shape)})  # fmt: skip
+        entries.append(
+            {"path": item.path, "label": item.label, "mask": item.mask, "channels": channels, "shape": list(shape)}
+        )
         tiles.append(count)
     if not entries:
         raise DataError(f"dataset {name!r}: every file of {cfg.root} was skipped as unreadable (--data.skip-bad-files)")

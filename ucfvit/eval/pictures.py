@@ -18,9 +18,20 @@ import torch
 __all__ = ["PALETTE", "draw_panels", "save_png"]
 
 PALETTE = np.array(
-    [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-     (70, 240, 240), (240, 50, 230), (210, 245, 60)], dtype=np.uint8,
-)  # fmt: skip
+    [
+        (0, 0, 0),
+        (230, 25, 75),
+        (60, 180, 75),
+        (255, 225, 25),
+        (0, 130, 200),
+        (245, 130, 48),
+        (145, 30, 180),
+        (70, 240, 240),
+        (240, 50, 230),
+        (210, 245, 60),
+    ],
+    dtype=np.uint8,
+)
 """RGB colour of class k (cycled); class 0, the background, is left transparent in overlays."""
 
 _TITLE_H, _GAP, _MIN_SIDE = 22, 4, 128

@@ -15,7 +15,19 @@ from .timm import from_timm, to_timm
 from .ucf_vit import from_ucf_vit, merge_tensor_parallel
 
 __all__ = [
-    "ENCODER_PREFIXES", "LoadReport", "WeightsError", "encoder_only", "fit_pretrained", "from_mae_reference",
-    "from_timm", "from_ucf_vit", "load_pretrained", "merge_tensor_parallel", "read_pretrained", "read_weights",
-    "to_mae_reference", "to_timm", "to_ucfvit_names",
-]  # fmt: skip
+    "ENCODER_PREFIXES",
+    "LoadReport",
+    "WeightsError",
+    "encoder_only",
+    "fit_pretrained",
+    "from_mae_reference",
+    "from_timm",
+    "from_ucf_vit",
+    "load_pretrained",
+    "merge_tensor_parallel",
+    "read_pretrained",
+    "read_weights",
+    "to_mae_reference",
+    "to_timm",
+    "to_ucfvit_names",
+]

@@ -38,10 +38,16 @@ __all__ = ["from_ucf_vit", "merge_tensor_parallel", "rank_files"]
 
 # Tensor-parallel layout of UCF-VIT's fsdp building blocks: how rank files join, by name ending.
 _JOIN: dict[str, int | str] = {
-    "attn.qkv.weight": "parts3", "attn.qkv.bias": "parts3", "var_agg.kv.weight": "parts2",
-    "attn.proj.weight": 1, "var_agg.proj.weight": 1, "mlp.fc2.weight": 1,
-    "mlp.fc1.weight": 0, "mlp.fc1.bias": 0, "var_agg.q.weight": 0,
-}  # fmt: skip
+    "attn.qkv.weight": "parts3",
+    "attn.qkv.bias": "parts3",
+    "var_agg.kv.weight": "parts2",
+    "attn.proj.weight": 1,
+    "var_agg.proj.weight": 1,
+    "mlp.fc2.weight": 1,
+    "mlp.fc1.weight": 0,
+    "mlp.fc1.bias": 0,
+    "var_agg.q.weight": 0,
+}
 _SUMMED = ("attn.proj.bias", "mlp.fc2.bias", "var_agg.proj.bias")
 
 

@@ -20,7 +20,26 @@ from .registry import FAMILIES, SIZES, FamilySpec, build_model, get_family, list
 from .rng import SampleRNG
 
 __all__ = [
-    "DDPMScheduler", "DiffusionViT", "EncoderDecoder", "FAMILIES", "FamilySpec", "MAE", "PatchSequence", "SAP", "SIZES",
-    "SampleRNG", "UNETR", "ViT", "VisionTransformer", "build_model", "get_family", "grid_patches", "list_models",
-    "list_sizes", "pad_sequence", "patchify", "register_family", "unpatchify",
-]  # fmt: skip
+    "DDPMScheduler",
+    "DiffusionViT",
+    "EncoderDecoder",
+    "FAMILIES",
+    "FamilySpec",
+    "MAE",
+    "PatchSequence",
+    "SAP",
+    "SIZES",
+    "SampleRNG",
+    "UNETR",
+    "ViT",
+    "VisionTransformer",
+    "build_model",
+    "get_family",
+    "grid_patches",
+    "list_models",
+    "list_sizes",
+    "pad_sequence",
+    "patchify",
+    "register_family",
+    "unpatchify",
+]

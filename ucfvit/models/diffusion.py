@@ -82,9 +82,13 @@ class DiffusionViT(EncoderDecoder):
         return unpatchify(pred, self.patch_size, self.img_size).contiguous()
 
     def noise_losses(
-        self, x: torch.Tensor | PatchSequence, ddpm: DDPMScheduler, variables: Sequence[str] | None = None, *,
+        self,
+        x: torch.Tensor | PatchSequence,
+        ddpm: DDPMScheduler,
+        variables: Sequence[str] | None = None,
+        *,
         rng: RandomSource = None,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """Per-sample training loss (B,): the MSE of the predicted noise at a random timestep per
         sample (both drawn from ``rng``), a mean over the sample's pixels (valid tokens of a sequence)."""
         clean = x.patches if is_sequence(x) else x
@@ -228,7 +232,11 @@ def _noise_prediction_loss(model: DiffusionViT, batch, rng: RandomSource, ddpm: 
 
 register_family(
     FamilySpec(
-        "diffusion", DiffusionViT, loss=_noise_prediction_loss, inputs=_timestep_input,
-        extra=lambda model: DDPMScheduler(model.time_steps).to(next(model.parameters()).device), evaluation=Denoising(),
+        "diffusion",
+        DiffusionViT,
+        loss=_noise_prediction_loss,
+        inputs=_timestep_input,
+        extra=lambda model: DDPMScheduler(model.time_steps).to(next(model.parameters()).device),
+        evaluation=Denoising(),
     )
-)  # fmt: skip
+)

@@ -36,10 +36,25 @@ from torch import nn
 from .embed import sincos_embed
 
 __all__ = [
-    "AdaptivePosEmbed", "PatchSequence", "batch_sequence", "check_sequence", "grid_patches", "is_sequence",
-    "masked_mean", "model_input", "pad_sequence", "paint", "paste", "region_centres", "region_owner",
-    "sequence_from_tokens", "sequence_target", "sincos_position", "token_layout", "with_prefix",
-]  # fmt: skip
+    "AdaptivePosEmbed",
+    "PatchSequence",
+    "batch_sequence",
+    "check_sequence",
+    "grid_patches",
+    "is_sequence",
+    "masked_mean",
+    "model_input",
+    "pad_sequence",
+    "paint",
+    "paste",
+    "region_centres",
+    "region_owner",
+    "sequence_from_tokens",
+    "sequence_target",
+    "sincos_position",
+    "token_layout",
+    "with_prefix",
+]
 
 
 class PatchSequence(NamedTuple):

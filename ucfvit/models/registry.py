@@ -27,24 +27,31 @@ from .patch_sequence import model_input
 from .tasks import Task
 
 __all__ = [
-    "FAMILIES", "SIZES", "FamilySpec", "build_model", "get_family", "image_input", "list_models", "list_sizes",
-    "model_arguments", "register_family", "resolved_model_kwargs",
-]  # fmt: skip
+    "FAMILIES",
+    "SIZES",
+    "FamilySpec",
+    "build_model",
+    "get_family",
+    "image_input",
+    "list_models",
+    "list_sizes",
+    "model_arguments",
+    "register_family",
+    "resolved_model_kwargs",
+]
 
 _MAE_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+_DEBUG_DECODER = dict(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=8)
 
 SIZES: dict[str, dict[str, Any]] = {
-    "debug": dict(
-        img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=8,
-        decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=8, feature_size=8,
-    ),
+    "debug": dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=8, feature_size=8, **_DEBUG_DECODER),
     "tiny": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, **_MAE_DECODER),
     "small": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, **_MAE_DECODER),
     "base": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, **_MAE_DECODER),
     "large": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, **_MAE_DECODER),
     "huge": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_MAE_DECODER),
     "giant": dict(patch_size=14, embed_dim=1408, depth=40, num_heads=16, mlp_ratio=6144 / 1408, **_MAE_DECODER),
-}  # fmt: skip
+}
 
 Batch = Mapping[str, torch.Tensor]
 

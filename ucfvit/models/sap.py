@@ -134,7 +134,12 @@ def _segmentation_loss(model: SAP, batch, rng: RandomSource, extra) -> torch.Ten
 # debug preset's 32x32 images (8x8 cells of patch 4) exactly, and 224x224 images with patch 16 too.
 register_family(
     FamilySpec(
-        "sap", SAP, loss=_segmentation_loss, inputs=_patch_input,
-        recipe={"arch.num_classes": 3, "arch.fixed_length": 46}, needs=("seg",), evaluation=Segmentation(),
+        "sap",
+        SAP,
+        loss=_segmentation_loss,
+        inputs=_patch_input,
+        recipe={"arch.num_classes": 3, "arch.fixed_length": 46},
+        needs=("seg",),
+        evaluation=Segmentation(),
     )
-)  # fmt: skip
+)

@@ -70,9 +70,14 @@ class Task:
     """Whether :meth:`evaluate` takes inputs larger than the model's ``img_size`` (sliding window)."""
 
     def evaluate(
-        self, model: nn.Module, batch: Mapping[str, Any], inputs: Inputs, rng: RandomSource, extra: Any,
+        self,
+        model: nn.Module,
+        batch: Mapping[str, Any],
+        inputs: Inputs,
+        rng: RandomSource,
+        extra: Any,
         options: EvalOptions,
-    ) -> dict[str, torch.Tensor]:  # fmt: skip
+    ) -> dict[str, torch.Tensor]:
         """Per-sample values (B, ...) of fixed trailing shapes, to be summed over samples."""
         raise NotImplementedError
 
@@ -81,9 +86,14 @@ class Task:
         raise NotImplementedError
 
     def pictures(
-        self, model: nn.Module, batch: Mapping[str, Any], inputs: Inputs, rng: RandomSource, extra: Any,
+        self,
+        model: nn.Module,
+        batch: Mapping[str, Any],
+        inputs: Inputs,
+        rng: RandomSource,
+        extra: Any,
         options: EvalOptions,
-    ) -> list[Panel]:  # fmt: skip
+    ) -> list[Panel]:
         """Columns of the task's picture for the batch (empty: nothing to show)."""
         return []
 

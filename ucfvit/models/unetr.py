@@ -41,9 +41,13 @@ class ConvBlock(nn.Sequential):
     def __init__(self, in_ch: int, out_ch: int, ndim: int):
         conv = nn.Conv2d if ndim == 2 else nn.Conv3d
         super().__init__(
-            conv(in_ch, out_ch, 3, padding=1), _norm(out_ch), nn.LeakyReLU(0.01),
-            conv(out_ch, out_ch, 3, padding=1), _norm(out_ch), nn.LeakyReLU(0.01),
-        )  # fmt: skip
+            conv(in_ch, out_ch, 3, padding=1),
+            _norm(out_ch),
+            nn.LeakyReLU(0.01),
+            conv(out_ch, out_ch, 3, padding=1),
+            _norm(out_ch),
+            nn.LeakyReLU(0.01),
+        )
 
 
 class _Up(nn.Sequential):

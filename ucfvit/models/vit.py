@@ -128,7 +128,12 @@ def _classification_loss(model: ViT, batch, rng: RandomSource, extra) -> torch.T
 
 register_family(
     FamilySpec(
-        "vit", ViT, loss=_classification_loss, recipe={"arch.num_classes": 3}, pooled_head=True, needs=("label",),
+        "vit",
+        ViT,
+        loss=_classification_loss,
+        recipe={"arch.num_classes": 3},
+        pooled_head=True,
+        needs=("label",),
         evaluation=Classification(),
     )
-)  # fmt: skip
+)

@@ -55,17 +55,32 @@ CLUSTERS = {
     # 4 Slingshot-11 NICs of 25 GB/s per node = 12.5 GB/s per GCD. Latencies and the 40% matmul
     # efficiency are our assumptions (ORBIT reported ~17% of peak end to end, ORBIT-2 ~33%).
     "frontier": Cluster(
-        name="frontier", gpus_per_node=8, peak_tflops=191.5, compute_efficiency=0.40, memory_gib=64e9 / 2**30,
-        intra_gbps=50.0, inter_gbps=12.5, intra_latency_us=5.0, inter_latency_us=10.0, pair_gbps=200.0,
+        name="frontier",
+        gpus_per_node=8,
+        peak_tflops=191.5,
+        compute_efficiency=0.40,
+        memory_gib=64e9 / 2**30,
+        intra_gbps=50.0,
+        inter_gbps=12.5,
+        intra_latency_us=5.0,
+        inter_latency_us=10.0,
+        pair_gbps=200.0,
     ),
     # NVIDIA DGX H100: 8 H100 SXM (80 GB, 989 TFLOP/s dense bf16), NVLink 4 through NVSwitch at
     # 450 GB/s per direction per GPU (~360 GB/s reached by NCCL rings), 8 ConnectX-7 400 Gb/s NICs
     # = 50 GB/s per GPU. Latencies and the 50% matmul efficiency are our assumptions.
     "dgx-h100": Cluster(
-        name="dgx-h100", gpus_per_node=8, peak_tflops=989.0, compute_efficiency=0.50, memory_gib=80e9 / 2**30,
-        intra_gbps=360.0, inter_gbps=50.0, intra_latency_us=3.0, inter_latency_us=6.0,
+        name="dgx-h100",
+        gpus_per_node=8,
+        peak_tflops=989.0,
+        compute_efficiency=0.50,
+        memory_gib=80e9 / 2**30,
+        intra_gbps=360.0,
+        inter_gbps=50.0,
+        intra_latency_us=3.0,
+        inter_latency_us=6.0,
     ),
-}  # fmt: skip
+}
 
 
 def dims_within_node(shape, gpus_per_node: int) -> dict[str, bool]:

@@ -56,12 +56,18 @@ from .manifest import (
     read_json,
     verify_hashes_collectively,
     verify_structure,
-)  # fmt: skip
+)
 
 __all__ = [
-    "Checkpointer", "CheckpointError", "checkpoint_step", "decode_rng", "encode_rng", "find_checkpoint", "is_complete",
+    "Checkpointer",
+    "CheckpointError",
+    "checkpoint_step",
+    "decode_rng",
+    "encode_rng",
+    "find_checkpoint",
+    "is_complete",
     "read_checkpoint_config",
-]  # fmt: skip
+]
 
 
 # --------------------------------------------------------------------------- finding checkpoints

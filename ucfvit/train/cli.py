@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Literal
 
 import torch.distributed as dist
@@ -34,7 +34,7 @@ from .export import ExportError
 from .guards import TrainingDiverged
 from .presets import preset
 
-__all__ = ["parse", "cli_config_class", "run_recipe"]
+__all__ = ["as_argv", "cli_config_class", "parse", "run_recipe"]
 
 
 def cli_config_class() -> type[Config]:
@@ -93,6 +93,16 @@ def parse(argv: Sequence[str], description: str | None = None, accelerator: bool
     cfg = tyro.cli(cls, default=_as(cls, defaults), args=argv, description=description)
     defer_to_data(cfg, _given(argv) | in_file)  # what the file or the flags set is kept
     return cfg
+
+
+def as_argv(options: Mapping[str, object]) -> list[str]:
+    """Command-line arguments for ``options``, flag -> value (``{"--max-steps": 2, "--arch.img-size":
+    (16, 16)}`` -> ``["--max-steps", "2", "--arch.img-size", "16", "16"]``); a tuple or list gives
+    several values."""
+    argv: list[str] = []
+    for flag, value in options.items():
+        argv += [flag, *map(str, value if isinstance(value, (tuple, list)) else [value])]
+    return argv
 
 
 def _given(argv: Sequence[str]) -> set[str]:

@@ -25,11 +25,17 @@ from ucfvit.models import FAMILIES, SIZES
 from .model_options import collect_options, make_arch_config
 
 __all__ = [
-    "ARCH_OPTIONS", "ArchConfig", "Config", "ConfigError", "DataConfig", "DatasetConfig", "config_from_dict",
+    "ARCH_OPTIONS",
+    "ArchConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DatasetConfig",
+    "config_from_dict",
     "dotted_options",
     "load_config",
     "read_config_file",
-]  # fmt: skip
+]
 
 
 class ConfigError(ValueError):
@@ -145,18 +151,21 @@ class ParallelConfig:
     def checked_options(self) -> dict[str, Any]:
         """The keyword arguments of ``ucfvit.parallel.check_parallelizable`` (``parallelize`` takes them too)."""
         return {
-            "sequence_parallel": self.sequence_parallel, "activation_checkpointing": self.activation_checkpointing,
-            "compile": self.compile, "wrap": self.wrap,
-        }  # fmt: skip
+            "sequence_parallel": self.sequence_parallel,
+            "activation_checkpointing": self.activation_checkpointing,
+            "compile": self.compile,
+            "wrap": self.wrap,
+        }
 
     def parallelize_options(self, device_type: str) -> dict[str, Any]:
         """The keyword arguments of ``ucfvit.parallelize`` for a run on ``device_type`` (``param_dtype``
         ``auto``: bf16 on GPUs, the fp32 master weights on CPU)."""
         bf16 = self.param_dtype == "bfloat16" or (self.param_dtype == "auto" and device_type == "cuda")
         return {
-            **self.checked_options(), "param_dtype": torch.bfloat16 if bf16 else None,
+            **self.checked_options(),
+            "param_dtype": torch.bfloat16 if bf16 else None,
             "reshard_after_forward": self.reshard_after_forward,
-        }  # fmt: skip
+        }
 
 
 @dataclass

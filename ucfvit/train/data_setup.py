@@ -34,9 +34,16 @@ from ucfvit.models import FamilySpec
 from .atomic import write_atomic
 
 __all__ = [
-    "DataSetup", "adapt_to_data", "channel_batches", "check_data", "defer_to_data", "index_on_rank0", "input_spec",
-    "prepare_data", "tree_transform",
-]  # fmt: skip
+    "DataSetup",
+    "adapt_to_data",
+    "channel_batches",
+    "check_data",
+    "defer_to_data",
+    "index_on_rank0",
+    "input_spec",
+    "prepare_data",
+    "tree_transform",
+]
 
 INDEX_FILE, PLAN_FILE = Path("data") / "index.json", Path("data") / "plan.json"
 
@@ -92,8 +99,10 @@ def check_data(data: DataConfig, model: nn.Module, spec: FamilySpec, dp_size: in
             raise ValueError(f"{where}--data.normalize fixed needs --data.mean and --data.std (one value per channel)")
         missing = [n for n in spec.needs if not _provides(c, n)]
         if missing:
-            how = {"seg": "per-pixel labels: pass --data.labels DIR", "label": "class labels: use --data.kind "
-                   "imagefolder with one sub-folder per class"}  # fmt: skip
+            how = {
+                "seg": "per-pixel labels: pass --data.labels DIR",
+                "label": "class labels: use --data.kind imagefolder with one sub-folder per class",
+            }
             raise ValueError(f"{where}--model {spec.name} trains on {how[missing[0]]}")
     tree = getattr(model, "adaptive_patching", False) and data.patching == "tree"
     if tree:
@@ -169,10 +178,11 @@ def index_on_rank0(
             indexes = load_index(path, key)
             if indexes is None:
                 indexes = {
-                    n: build_index(n, c, get_reader(c.kind)(spatial_ndim=_file_ndim(c, img_size)), img_size,
-                                   data.skip_bad_files)
+                    n: build_index(
+                        n, c, get_reader(c.kind)(spatial_ndim=_file_ndim(c, img_size)), img_size, data.skip_bad_files
+                    )
                     for n, c in files.items()
-                }  # fmt: skip
+                }
                 save_index(path, key, indexes)
                 samples, count = sum(map(len, indexes.values())), sum(len(i.entries) for i in indexes.values())
                 print(f"data index: {samples} samples from {count} files, saved to {path}", flush=True)
@@ -267,8 +277,9 @@ def tree_transform(model: nn.Module, data: DataConfig) -> TreePatches | None:
     (``--data.patching tree``; one tree per channel with ``--data.separate-channels``), or None."""
     if not (getattr(model, "adaptive_patching", False) and data.patching == "tree"):
         return None
-    return TreePatches(model.patch_size, model.fixed_length, data.min_patch, data.edge_thresholds,
-                       data.separate_channels)  # fmt: skip
+    return TreePatches(
+        model.patch_size, model.fixed_length, data.min_patch, data.edge_thresholds, data.separate_channels
+    )
 
 
 def _first_file(root: Path, suffixes) -> str | None:

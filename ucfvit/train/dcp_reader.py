@@ -49,7 +49,7 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
             "TensorStorageMetadata",
             "_MEM_FORMAT_ENCODING",
         )
-    },  # fmt: skip
+    },
 }
 
 

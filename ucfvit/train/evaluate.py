@@ -136,10 +136,15 @@ def evaluate(args: EvaluateConfig) -> dict[str, Any]:
     metrics = validator.run()
     picture = validator.pictures(out / "pictures", f"{cfg.model}_eval")
     result = {
-        "model": cfg.model, "model_size": cfg.model_size, "weights": str(weights), "mesh": cfg.mesh,
-        "metrics": metrics, "picture": None if picture is None else str(picture),
-        "eval": dataclasses.asdict(cfg.eval), "time": time.time(),
-    }  # fmt: skip
+        "model": cfg.model,
+        "model_size": cfg.model_size,
+        "weights": str(weights),
+        "mesh": cfg.mesh,
+        "metrics": metrics,
+        "picture": None if picture is None else str(picture),
+        "eval": dataclasses.asdict(cfg.eval),
+        "time": time.time(),
+    }
     if dist.get_rank() == 0:
         write_atomic(out / RESULT_FILE, json.dumps(result, indent=2, default=str))
         print(f"{cfg.model} from {weights} on mesh {cfg.mesh}: {format_metrics(metrics)}", flush=True)

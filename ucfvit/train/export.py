@@ -29,9 +29,15 @@ from ucfvit.parallel import full_state_dict
 from .atomic import write_atomic
 
 __all__ = [
-    "CONFIG_FILE", "METADATA_KEY", "MODEL_FILE", "ExportError", "export_safetensors",
-    "load_exported", "read_export_spec", "save_exported",
-]  # fmt: skip
+    "CONFIG_FILE",
+    "METADATA_KEY",
+    "MODEL_FILE",
+    "ExportError",
+    "export_safetensors",
+    "load_exported",
+    "read_export_spec",
+    "save_exported",
+]
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "model_config.json"
 METADATA_KEY = "ucfvit.model_config"

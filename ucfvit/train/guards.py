@@ -68,8 +68,11 @@ class FiniteGuard:
                 f"{last_saved or 'none'}, is kept). Lower --optim.lr or keep --optim.grad-clip on"
             )
         if dist.get_rank() == 0:
-            print(f"step {step}: non-finite loss or gradient norm, update skipped ({self.skipped} of "
-                  f"--optim.skip-nonfinite={self.allowed})", flush=True)  # fmt: skip
+            print(
+                f"step {step}: non-finite loss or gradient norm, update skipped ({self.skipped} of "
+                f"--optim.skip-nonfinite={self.allowed})",
+                flush=True,
+            )
         return False
 
     def check_synced(self, step: int, nonfinite: float, last_saved: Path | None) -> None:

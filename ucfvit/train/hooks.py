@@ -87,9 +87,12 @@ class WandbSink(Hooks):
             import wandb
         self.wandb = wandb
         self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", "ucfvit"), name=Path(run_dir).name, dir=str(run_dir),
-            config=config, mode=os.environ.get("WANDB_MODE", "offline"),
-        )  # fmt: skip
+            project=os.environ.get("WANDB_PROJECT", "ucfvit"),
+            name=Path(run_dir).name,
+            dir=str(run_dir),
+            config=config,
+            mode=os.environ.get("WANDB_MODE", "offline"),
+        )
 
     def on_step_end(self, step, record):
         self.run.log(_scalars(record, "train/"), step=step)

@@ -19,10 +19,25 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "CONFIG_FILE", "LATEST", "MANIFEST", "MANIFEST_FORMAT", "METADATA", "OPTIM_FILE", "REQUIRED", "SHARD", "STATE_FILE",
-    "STEP_DIR", "CheckpointError", "file_entries", "hash_mismatch", "is_safe_name", "read_json", "sha256",
-    "verify_hashes_collectively", "verify_structure",
-]  # fmt: skip
+    "CONFIG_FILE",
+    "LATEST",
+    "MANIFEST",
+    "MANIFEST_FORMAT",
+    "METADATA",
+    "OPTIM_FILE",
+    "REQUIRED",
+    "SHARD",
+    "STATE_FILE",
+    "STEP_DIR",
+    "CheckpointError",
+    "file_entries",
+    "hash_mismatch",
+    "is_safe_name",
+    "read_json",
+    "sha256",
+    "verify_hashes_collectively",
+    "verify_structure",
+]
 
 STATE_FILE, CONFIG_FILE, OPTIM_FILE = "trainer_state.json", "config.json", "optimizer.json"
 METADATA, MANIFEST, LATEST = ".metadata", "manifest.json", "latest"

@@ -38,13 +38,29 @@ from .ranges import check_ranges, flag
 from .run_dir import RunDirPlan, inspect_run_dir
 from .validation import check_eval
 
-__all__ = ["RUNTIME_OPTIONS", "BatchSplit", "RunPlan", "batch_split", "build_checked_model", "model_kwargs",
-           "validate_config"]  # fmt: skip
+__all__ = [
+    "RUNTIME_OPTIONS",
+    "BatchSplit",
+    "RunPlan",
+    "batch_split",
+    "build_checked_model",
+    "model_kwargs",
+    "validate_config",
+]
 
 # Model options that change only what a forward computes, not the checkpoint's tensors: a resumed
 # run may change them. Every other option of the family must match the checkpoint's.
-RUNTIME_OPTIONS = {"attn_backend", "drop_path_rate", "drop_rate", "attn_drop_rate", "proj_drop_rate",
-                   "pos_drop_rate", "patch_drop_rate", "mask_ratio", "norm_pix_loss"}  # fmt: skip
+RUNTIME_OPTIONS = {
+    "attn_backend",
+    "drop_path_rate",
+    "drop_rate",
+    "attn_drop_rate",
+    "proj_drop_rate",
+    "pos_drop_rate",
+    "patch_drop_rate",
+    "mask_ratio",
+    "norm_pix_loss",
+}
 
 
 @dataclass(frozen=True)
@@ -181,11 +197,20 @@ def _resolve(cfg: Config) -> RunPlan:
     device_type = mesh_device_type()
     tree = tree_transform(model, cfg.data)
     return RunPlan(
-        cfg=cfg, spec=spec, shape=shape, model=model, model_kwargs=kwargs, batch=batch_split(cfg, shape),
-        device_type=device_type, wrap=resolve_wrap(cfg.parallel.wrap, shape.fsdp, shape.tp),
-        parallelize_options=cfg.parallel.parallelize_options(device_type), inputs=inputs, tree=tree,
-        run=run, pretrained=pretrained,
-    )  # fmt: skip
+        cfg=cfg,
+        spec=spec,
+        shape=shape,
+        model=model,
+        model_kwargs=kwargs,
+        batch=batch_split(cfg, shape),
+        device_type=device_type,
+        wrap=resolve_wrap(cfg.parallel.wrap, shape.fsdp, shape.tp),
+        parallelize_options=cfg.parallel.parallelize_options(device_type),
+        inputs=inputs,
+        tree=tree,
+        run=run,
+        pretrained=pretrained,
+    )
 
 
 def batch_split(cfg: Config, shape: MeshShape) -> BatchSplit:

@@ -39,25 +39,29 @@ def preset(model: str, model_size: str | None = None, accelerator: bool | None =
     accelerator = torch.cuda.is_available() if accelerator is None else accelerator
     if accelerator:
         cfg = Config(
-            model=model, model_size=model_size or "base", max_steps=1000,
+            model=model,
+            model_size=model_size or "base",
+            max_steps=1000,
             arch=ArchConfig(img_size=(224, 224), in_chans=3),
             data=DataConfig(global_batch_size=256),
             optim=OptimConfig(lr=1.5e-4, lr_scaling="linear"),
             schedule=ScheduleConfig(warmup_steps=100),
             parallel=ParallelConfig(param_dtype="bfloat16", compile=True),
             metrics=MetricsConfig(log_every=10),
-        )  # fmt: skip
+        )
         if cfg.model_size not in ("huge", "giant"):
             cfg.arch.patch_size = 16  # also for --model-size debug, whose patch 4 would give 3136 tokens at 224 px
     else:
         cfg = Config(
-            model=model, model_size=model_size or "debug", max_steps=60,
+            model=model,
+            model_size=model_size or "debug",
+            max_steps=60,
             arch=ArchConfig(img_size=(32, 32), in_chans=3),
             data=DataConfig(global_batch_size=16),
             optim=OptimConfig(lr=2e-3),
             schedule=ScheduleConfig(warmup_steps=5),
             metrics=MetricsConfig(log_every=2),
-        )  # fmt: skip
+        )
     for path, value in spec.recipe.items():
         set_dotted(cfg, path, value)
     return cfg

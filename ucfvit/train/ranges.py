@@ -82,8 +82,10 @@ def _arch_ranges() -> dict[str, Range]:
     for spec in FAMILIES.values():
         for name, allowed in option_ranges(spec.model).items():
             if out.setdefault(f"arch.{name}", allowed) != allowed:
-                raise ValueError(f"{spec.model.__name__} declares the range of {name} as {allowed}, others as "
-                                 f"{out['arch.' + name]}: an option has one range")  # fmt: skip
+                raise ValueError(
+                    f"{spec.model.__name__} declares the range of {name} as {allowed}, others as "
+                    f"{out['arch.' + name]}: an option has one range"
+                )
     return out
 
 

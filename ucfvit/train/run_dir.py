@@ -98,9 +98,13 @@ def _read_lock(path: Path) -> _Holder | None:
         record = json.loads(path.read_text())
         age = time.time() - path.stat().st_mtime
         return _Holder(
-            str(record["job"]), str(record["host"]), int(record["pid"]), age,
-            record.get("slurm_job"), int(record.get("slurm_restart", 0)),
-        )  # fmt: skip
+            str(record["job"]),
+            str(record["host"]),
+            int(record["pid"]),
+            age,
+            record.get("slurm_job"),
+            int(record.get("slurm_restart", 0)),
+        )
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError):
@@ -128,10 +132,15 @@ class RunLock:
     def acquire(self) -> RunLock:
         """Take the lock (every rank of the job may call this; they agree on :func:`job_id`)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        record = json.dumps({
-            "job": job_id(), "host": socket.gethostname(), "pid": os.getpid(),
-            "slurm_job": os.environ.get("SLURM_JOB_ID"), "slurm_restart": _slurm_restart(),
-        })  # fmt: skip
+        record = json.dumps(
+            {
+                "job": job_id(),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "slurm_job": os.environ.get("SLURM_JOB_ID"),
+                "slurm_restart": _slurm_restart(),
+            }
+        )
         for _ in range(5):
             tmp = self.path.with_name(f"{LOCK}.{socket.gethostname()}.{os.getpid()}")
             tmp.write_text(record)

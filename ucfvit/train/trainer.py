@@ -164,16 +164,19 @@ def _say(verbose: bool, *lines: str) -> None:
 
 def _train(plan: RunPlan, lock: RunLock, watchdog: Watchdog, hooks: list[Hooks]) -> TrainResult:
     cfg, ckpt, model, run_dir = plan.cfg, plan.checkpoint, plan.model, plan.run_dir
-    mesh = make_mesh(plan.shape, device_type=plan.device_type,
-                     timeout=datetime.timedelta(seconds=cfg.run.collective_timeout))  # fmt: skip
+    mesh = make_mesh(
+        plan.shape, device_type=plan.device_type, timeout=datetime.timedelta(seconds=cfg.run.collective_timeout)
+    )
     rank = dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if plan.device_type == "cuda" else torch.device("cpu")
     dist.barrier()  # every rank has inspected the run directory before rank 0 changes it
     if rank == 0:
         lock.start_heartbeat()
         prepare_run_dir(plan.run, cfg.to_dict())
-        print(f"ucfvit: {cfg.model}/{cfg.model_size} on mesh {cfg.mesh} ({plan.device_type}), {plan.run.describe()}",
-              flush=True)  # fmt: skip
+        print(
+            f"ucfvit: {cfg.model}/{cfg.model_size} on mesh {cfg.mesh} ({plan.device_type}), {plan.run.describe()}",
+            flush=True,
+        )
         _say(cfg.verbose, plan.describe_parallel(), json.dumps(cfg.to_dict(), indent=2))
     dist.barrier()
     dp_rank, dp_size = data_parallel_info(mesh)
@@ -214,10 +217,20 @@ def _train(plan: RunPlan, lock: RunLock, watchdog: Watchdog, hooks: list[Hooks])
         validator = Validator(model, plan.spec, plan.inputs, mesh, cfg, run_dir, extra, plan.tree)
     global_batch, split = cfg.data.global_batch_size, plan.batch
     loader = build_loader(
-        data.sources, data.plan, dp_rank, start, start_step, cfg.max_steps, split.micro, cfg.run.seed,
-        shuffle=cfg.data.shuffle, transform=plan.tree, num_workers=cfg.data.num_workers,
-        prefetch_factor=cfg.data.prefetch_factor, pin_memory=plan.device_type == "cuda",
-    )  # fmt: skip
+        data.sources,
+        data.plan,
+        dp_rank,
+        start,
+        start_step,
+        cfg.max_steps,
+        split.micro,
+        cfg.run.seed,
+        shuffle=cfg.data.shuffle,
+        transform=plan.tree,
+        num_workers=cfg.data.num_workers,
+        prefetch_factor=cfg.data.prefetch_factor,
+        pin_memory=plan.device_type == "cuda",
+    )
     batches = iter(loader)
     flops_per_step = train_flops_per_sample(model, pooled_head=plan.spec.pooled_head) * global_batch
     peak = peak_flops(device)
@@ -278,13 +291,19 @@ def _train(plan: RunPlan, lock: RunLock, watchdog: Watchdog, hooks: list[Hooks])
                 interval, overall = timer.update(done)
                 tflops = flops_per_step / interval / 1e12
                 record = {
-                    "step": done, "max_steps": cfg.max_steps, "loss": last_loss, "lr": lr,
-                    "grad_norm": float(grad_norm), "images_per_s": global_batch / interval,
-                    "tokens_per_s": global_batch * model.num_patches / interval, "tflops": tflops,
+                    "step": done,
+                    "max_steps": cfg.max_steps,
+                    "loss": last_loss,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "images_per_s": global_batch / interval,
+                    "tokens_per_s": global_batch * model.num_patches / interval,
+                    "tflops": tflops,
                     "mfu": None if peak is None else tflops * 1e12 / (peak * world),
-                    "peak_mem_gib": _peak_memory_gib(device), "eta_s": overall * (cfg.max_steps - done),
+                    "peak_mem_gib": _peak_memory_gib(device),
+                    "eta_s": overall * (cfg.max_steps - done),
                     "time": time.time(),
-                }  # fmt: skip
+                }
                 if rank == 0:
                     print(format_progress(record), flush=True)
                     append_jsonl(run_dir / "metrics.jsonl", record)
