@@ -399,3 +399,11 @@ def test_the_command_line_opens_no_data_file_and_validation_fills_the_options(tm
     assert cfg.arch.in_chans is None, "validate_config resolves a copy; the caller's config is not changed"
     given = parse([*argv, "--arch.in-chans", "2", "--arch.img-size", "16", "16", "16"])
     assert given.arch.in_chans == 2 and validate_config(given).cfg.arch.in_chans == 2  # a flag wins over the data
+
+
+def test_each_model_has_its_own_default_run_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for model in ("mae", "unetr"):
+        assert validate_config(parse(["--model", model])).run_dir.resolve() == (tmp_path / "runs" / model).resolve()
+    assert parse(["--model", "mae"]).run.dir is None, "the default is resolved with the run, from its model"
+    assert not (tmp_path / "runs").exists(), "validation writes nothing"
