@@ -2,7 +2,7 @@
 
 From the repository root::
 
-    python -m tests.acceptance                        # everything (about 6 minutes on 2 CPU cores)
+    python -m tests.acceptance                        # everything (minutes on 2 CPU cores)
     python -m tests.acceptance --only code_exec --jobs 4
     python -m tests.acceptance --match shard --keep   # keep the scratch dirs to look at
     python -m tests.acceptance --list                 # the cases, one "category name" a line

@@ -39,6 +39,8 @@ PROBLEM = re.compile(
     re.I,
 )
 
+LAUNCHER_LOG = re.compile(r"^[IWE]\d{4} \S+ +\d+ torch/distributed/")  # torchrun's own log lines
+
 # The scratch root of the matrix in this process (set by Matrix): its paths are scrubbed from messages.
 SCRATCH = ""
 
@@ -183,8 +185,18 @@ def message_lines(text: str, scrub: bool = True) -> str:
 
 
 def last_line(text: str) -> str:
-    lines = [line for line in message_lines(text).splitlines() if line.strip()]
-    return lines[-1][:160] if lines else ""
+    """The trainer's last word, for reasons: the last line that says something. torchrun's report of a
+    failed worker (its log lines, its traceback, its summary) is not the trainer's, and a framed message
+    (a box of ``│`` lines) is summed up by its first line."""
+    lines = message_lines(text).splitlines()
+    if any(line.endswith("ChildFailedError:") for line in lines):
+        starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+        lines = lines[: starts[-1]] if starts else lines
+    said = [line for line in lines if re.search(r"\w", line) and not LAUNCHER_LOG.match(line)]
+    i = len(said) - 1
+    while i > 0 and said[i].startswith("│") and said[i - 1].startswith("│"):
+        i -= 1
+    return said[i].strip("│ ")[:160] if said else ""
 
 
 # --------------------------------------------------------------------------------------------

@@ -248,9 +248,10 @@ def same_command_twice(ctx: Ctx) -> tuple[bool, str]:
         return judge(problems, "")
     second = ctx.run(flags)
     problems = success_problems(second, "second run")
-    if not problems and not SAYS_WHAT.search(message_lines(second.out)):
+    said = SAYS_WHAT.search(message_lines(second.out))
+    if not problems and not said:
         problems.append("second run does not say whether it resumed or started fresh")
-    return judge(problems, f"second run: {next(iter(SAYS_WHAT.findall(message_lines(second.out))), '')}")
+    return judge(problems, f"second run: {said.group(0) if said else ''}")
 
 
 def resume_at_max(ctx: Ctx) -> tuple[bool, str]:
