@@ -1,0 +1,32 @@
+"""The categories of the acceptance matrix, in the order they run and report.
+
+A category is a module of this package with a ``cases(nproc) -> list[Case]`` function; adding one is
+that module plus its line here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+from .harness import Case
+
+CATEGORIES = (
+    "bad_flags",  # each numeric flag given 0 / negative / nan / inf / out-of-range values
+    "code_exec",  # pickle payloads planted in a checkpoint, also with any hash manifest recomputed
+    "integrity",  # damaged, missing or foreign checkpoint files
+    "run_dir",  # reusing, racing on and crashing in run directories
+    "divergence",  # non-finite losses
+    "hang",  # a stopped rank
+    "misc",  # wrong command lines and paths, incompatible resumes, preemption, a full disk
+)
+
+
+def category_cases(category: str, nproc: int) -> list[Case]:
+    """The cases of one category, each marked with it; ``nproc`` is the rank count of the multi-rank cases."""
+    module = importlib.import_module(f".{category}", __package__)
+    return [dataclasses.replace(c, category=category) for c in module.cases(nproc)]
+
+
+def build_cases(nproc: int) -> list[Case]:
+    return [c for category in CATEGORIES for c in category_cases(category, nproc)]
