@@ -27,8 +27,15 @@ def _stand_in_timm() -> types.ModuleType:
         TIMM_CALLS.append({"name": name, "pretrained": pretrained, **shape})
         size = "debug" if "embed_dim" in shape else "base"
         dims = {k: shape[k] for k in ("embed_dim", "depth", "num_heads") if k in shape}
-        return build_model("vit", size, img_size=shape["img_size"], patch_size=shape["patch_size"],
-                           in_chans=shape["in_chans"], num_classes=shape["num_classes"], **dims)  # fmt: skip
+        return build_model(
+            "vit",
+            size,
+            img_size=shape["img_size"],
+            patch_size=shape["patch_size"],
+            in_chans=shape["in_chans"],
+            num_classes=shape["num_classes"],
+            **dims,
+        )
 
     module.create_model = create_model
     return module

@@ -62,6 +62,8 @@ def image_folder(root: Path, classes: int, per_class: int, size=(24, 20), ext: s
 
 def npy_train_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
     """Trainer flags for 16x16 one-channel tiles of the arrays in ``root`` (an :func:`npy_dataset`)."""
-    return ["--data.kind", "npy", "--data.root", str(root), "--data.tile", "16", "16", "--arch.img-size", "16", "16",
-            "--arch.in-chans", "1", "--data.global-batch-size", "8", "--metrics.log-every", "1",
-            "--run.dir", str(run_dir), *extra]  # fmt: skip
+    return [
+        *["--data.kind", "npy", "--data.root", str(root), "--data.tile", "16", "16", "--arch.img-size", "16", "16"],
+        *["--arch.in-chans", "1", "--data.global-batch-size", "8", "--metrics.log-every", "1"],
+        *["--run.dir", str(run_dir), *extra],
+    ]

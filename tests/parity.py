@@ -123,13 +123,14 @@ def parity(family: str, cases: list[dict], overrides: dict | None = None, inputs
         model = build(family, case_overrides)
         model.load_state_dict(states[key])
         parallelize(
-            model, mesh,
+            model,
+            mesh,
             sequence_parallel=case.get("sp", False),
             activation_checkpointing=case.get("ac", "none"),
             param_dtype=torch.bfloat16 if case.get("bf16") else None,
             compile=case.get("compile", False),
             wrap=case.get("wrap", "auto"),
-        )  # fmt: skip
+        )
         rows = local_batch_range(mesh, GLOBAL_BATCH)
         runs.append((case, train(model, family, rows, case.get("accum", 1), mesh, inputs)))
     if dist.is_initialized() and dist.get_rank() != 0:
@@ -146,11 +147,17 @@ def parity(family: str, cases: list[dict], overrides: dict | None = None, inputs
         ]
         grad_diff, grad_name = _max_rel(grads, ref_grads)
         param_diff, param_name = _max_abs(params, ref_params)
-        results.append({
-            **case, "loss_diff": abs(loss - ref_loss) / max(1.0, abs(ref_loss)),
-            "grad_diff": grad_diff, "grad_name": grad_name, "param_diff": param_diff, "param_name": param_name,
-            "same_names": sorted(grads) == sorted(ref_grads),
-        })  # fmt: skip
+        results.append(
+            {
+                **case,
+                "loss_diff": abs(loss - ref_loss) / max(1.0, abs(ref_loss)),
+                "grad_diff": grad_diff,
+                "grad_name": grad_name,
+                "param_diff": param_diff,
+                "param_name": param_name,
+                "same_names": sorted(grads) == sorted(ref_grads),
+            }
+        )
     return results
 
 

@@ -24,9 +24,11 @@ def run(model: str, argv: list[str]) -> dict:
     result = train(config(model, argv))
     state = full_state_dict(result.model, rank0_only=False)
     return {
-        "steps": result.steps_done, "stopped": result.stopped_early, "loss": result.last_loss,
+        "steps": result.steps_done,
+        "stopped": result.stopped_early,
+        "loss": result.last_loss,
         "params": {k: v.double().sum().item() for k, v in state.items()},
-    }  # fmt: skip
+    }
 
 
 def error(model: str, argv: list[str]) -> str:

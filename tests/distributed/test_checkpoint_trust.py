@@ -52,8 +52,13 @@ def test_legitimate_checkpoint_resumes_bit_exactly_on_other_meshes(reference, tm
     verify_checkpoint(reference / STEP2)
     assert find_checkpoint(reference) == reference / "checkpoints" / "step-00000004"
     assert sorted(verify_structure(reference / STEP2)) == [
-        ".metadata", "__0_0.distcp", "__1_0.distcp", "config.json", "optimizer.json", "trainer_state.json",
-    ]  # fmt: skip
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+        "config.json",
+        "optimizer.json",
+        "trainer_state.json",
+    ]
     ref = losses(reference)
     for world, mesh in [(1, "1x1x1"), (4, "1x2x2")]:
         run = tmp_path / mesh

@@ -29,8 +29,9 @@ def _digest(t) -> str:
     return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def loader_digests(datasets: dict[str, str], mesh: str, run_dir: str, steps: int, global_batch: int,
-                   tile: list[int], workers: int = 0) -> dict:  # fmt: skip
+def loader_digests(
+    datasets: dict[str, str], mesh: str, run_dir: str, steps: int, global_batch: int, tile: list[int], workers: int = 0
+) -> dict:
     """Per rank: its coordinates, a digest of every micro-batch and of every sample in it.
     Only rank 0 may read file headers (the others must use the index it wrote)."""
     device_mesh = make_mesh(parse_mesh(mesh, world_size()))
@@ -46,16 +47,29 @@ def loader_digests(datasets: dict[str, str], mesh: str, run_dir: str, steps: int
     spec = InputSpec(img_size=tuple(tile), channels=1, variables=("channel0",))
     dp_rank, dp_size = data_parallel_info(device_mesh)
     setup = prepare_data(data, spec, dp_size, seed=7, run_dir=Path(run_dir), rank=rank)
-    loader = build_loader(setup.sources, setup.plan, dp_rank, [0] * len(setup.sources), 0, steps,
-                          global_batch // dp_size, seed=7, num_workers=workers)  # fmt: skip
+    loader = build_loader(
+        setup.sources,
+        setup.plan,
+        dp_rank,
+        [0] * len(setup.sources),
+        0,
+        steps,
+        global_batch // dp_size,
+        seed=7,
+        num_workers=workers,
+    )
     batches = [b["image"] for b in loader]
     dataset, _ = setup.plan.dataset_of(dp_rank)
     return {
-        "rank": rank, "dp_rank": dp_rank, "tp_rank": device_mesh["tp"].get_local_rank(),
-        "dataset": setup.plan.names[dataset], "ranks": list(setup.plan.ranks),
-        "batches": [_digest(b) for b in batches], "samples": [_digest(s) for b in batches for s in b],
+        "rank": rank,
+        "dp_rank": dp_rank,
+        "tp_rank": device_mesh["tp"].get_local_rank(),
+        "dataset": setup.plan.names[dataset],
+        "ranks": list(setup.plan.ranks),
+        "batches": [_digest(b) for b in batches],
+        "samples": [_digest(s) for b in batches for s in b],
         "sizes": {s.name: s.size for s in setup.sources},
-    }  # fmt: skip
+    }
 
 
 def _forbidden(self, item):
@@ -94,14 +108,14 @@ def test_resume_mid_epoch_on_another_mesh_gives_the_uninterrupted_run(tmp_path):
     on two meshes are compared from one checkpoint."""
     root = npy_dataset(tmp_path / "data", 5, (32, 32))
     src = tmp_path / "src"
-    run_ranks(8, train_runs.run, "mae", npy_train_args(root, src, "--max-steps", "6", "--mesh", "2x2x2",
-                                                  "--checkpoint.every", "3"))  # fmt: skip
+    first = npy_train_args(root, src, "--max-steps", "6", "--mesh", "2x2x2", "--checkpoint.every", "3")
+    run_ranks(8, train_runs.run, "mae", first)
     state = json.loads((src / "checkpoints" / "step-00000003" / "trainer_state.json").read_text())
     assert state["data_positions"] == {"npy": 24}
     dst = tmp_path / "dst"
     ckpt = str(src / "checkpoints" / "step-00000003")
-    run_ranks(4, train_runs.run, "mae", npy_train_args(root, dst, "--max-steps", "6", "--mesh", "1x2x2",
-                                                  "--checkpoint.resume", ckpt))  # fmt: skip
+    resume = npy_train_args(root, dst, "--max-steps", "6", "--mesh", "1x2x2", "--checkpoint.resume", ckpt)
+    run_ranks(4, train_runs.run, "mae", resume)
     expected, resumed = losses(src), losses(dst)
     assert sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):

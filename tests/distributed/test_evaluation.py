@@ -41,10 +41,12 @@ def train_then_evaluate(tmp: str, mesh: str) -> dict:
         train(config(family, [*common, "--run.dir", run_dir]))
         result = evaluate(
             EvaluateConfig(
-                checkpoint=pathlib.Path(run_dir), mesh=mesh, out=pathlib.Path(f"{tmp}/{family}_eval_{mesh}"),
+                checkpoint=pathlib.Path(run_dir),
+                mesh=mesh,
+                out=pathlib.Path(f"{tmp}/{family}_eval_{mesh}"),
                 eval=config(family, common).eval,
             )
-        )  # fmt: skip
+        )
         out[family] = {"during_training": _validation_lines(run_dir), "evaluate": result["metrics"]}
     return out
 
@@ -56,10 +58,12 @@ def evaluate_on(tmp: str, mesh: str, out_name: str) -> dict:
         ev = config(family, [*EVAL, *extra]).eval
         result = evaluate(
             EvaluateConfig(
-                checkpoint=pathlib.Path(f"{tmp}/{family}"), mesh=mesh, out=pathlib.Path(f"{tmp}/{out_name}_{family}"),
+                checkpoint=pathlib.Path(f"{tmp}/{family}"),
+                mesh=mesh,
+                out=pathlib.Path(f"{tmp}/{out_name}_{family}"),
                 eval=ev,
             )
-        )  # fmt: skip
+        )
         out[family] = result["metrics"]
     return out
 
@@ -135,13 +139,18 @@ def hooks_stop_the_run(tmp: str) -> dict:
     """A hook stops a 30-step run after its first validation (step 2); a TensorBoard sink with a
     recording writer sees the scalars; every rank gets the same calls."""
     hook, writer = _StopAfterFirstValidation(), _Writer()
-    argv = ["--mesh", "2x1x1", "--data.global-batch-size", "4", "--max-steps", "30", "--metrics.log-every", "1",
-            "--eval.every", "2", "--eval.samples", "4", "--run.dir", f"{tmp}/hooks"]  # fmt: skip
+    argv = [
+        *["--mesh", "2x1x1", "--data.global-batch-size", "4", "--max-steps", "30", "--metrics.log-every", "1"],
+        *["--eval.every", "2", "--eval.samples", "4", "--run.dir", f"{tmp}/hooks"],
+    ]
     result = train(config("mae", argv), hooks=[hook, TensorBoardSink(pathlib.Path(tmp), writer=writer)])
     return {
-        "steps": result.steps_done, "stopped": result.stopped_early, "calls": hook.calls,
-        "scalars": writer.scalars, "closed": writer.closed,
-    }  # fmt: skip
+        "steps": result.steps_done,
+        "stopped": result.stopped_early,
+        "calls": hook.calls,
+        "scalars": writer.scalars,
+        "closed": writer.closed,
+    }
 
 
 def test_a_hook_stops_the_run_at_the_next_sync_point_and_sinks_see_the_metrics(tmp_path):

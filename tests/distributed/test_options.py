@@ -26,11 +26,12 @@ def meta_init_options(mesh_spec: str) -> dict:
     model.init_weights()
     ref = build_model("mae", "debug", **kwargs)
     return {
-        "pos_diff": max((_full(getattr(model, n)) - getattr(ref, n)).abs().max().item()
-                        for n in ("pos_embed", "decoder_pos_embed")),
+        "pos_diff": max(
+            (_full(getattr(model, n)) - getattr(ref, n)).abs().max().item() for n in ("pos_embed", "decoder_pos_embed")
+        ),
         "gamma_ok": all(bool(_full(b.ls1.gamma).eq(0.25).all()) for b in model.blocks),
         "qk_norm_ok": all(bool(_full(b.attn.q_norm.weight).eq(1).all()) for b in model.blocks),
-    }  # fmt: skip
+    }
 
 
 def test_meta_init_of_new_options_under_parallelize():

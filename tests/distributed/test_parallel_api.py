@@ -129,10 +129,12 @@ def meta_init(family: str, mesh_spec: str) -> dict:
     exported = full_state_dict(model)
     rank = torch.distributed.get_rank()
     return {
-        "finite": finite, "buffers_ok": buffers_ok, "q_std": q_std,
+        "finite": finite,
+        "buffers_ok": buffers_ok,
+        "q_std": q_std,
         "out_diff": (out - ref_out).abs().max().item(),
         "export_ok": rank != 0 or all(torch.equal(exported[k], v) for k, v in ref.state_dict().items()),
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize("family", ["vit", "mae", "unetr", "sap", "diffusion"])

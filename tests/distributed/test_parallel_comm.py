@@ -75,8 +75,10 @@ def test_sequence_parallel_issues_the_megatron_minimum_per_block(mesh, world):
     deep, shallow = (run_ranks(world, comm_counts, mesh, d, sp)[0] for d in (DEPTH, DEPTH - 1))
     fsdp = {"forward": {}, "backward": {}}
     if mesh == "2x2x2":  # FSDP per block: gather the unit (again in backward), reduce-scatter, all-reduce over ddp
-        fsdp = {"forward": {"_allgather_base_": 1}, "backward": {"_allgather_base_": 1, "_reduce_scatter_base_": 1,
-                                                                 "allreduce_": 1}}  # fmt: skip
+        fsdp = {
+            "forward": {"_allgather_base_": 1},
+            "backward": {"_allgather_base_": 1, "_reduce_scatter_base_": 1, "allreduce_": 1},
+        }
     # Megatron-SP: the residual stream stays split along tokens between blocks, so a block
     # all-gathers the inputs of attention and MLP and reduce-scatters their outputs, in forward and
     # (transposed) in backward, and nothing more. The 4 all-reduces in backward are the gradients of
@@ -87,10 +89,14 @@ def test_sequence_parallel_issues_the_megatron_minimum_per_block(mesh, world):
     }
     # Once per stack, not per block: the last block's output is gathered for the final norm and
     # the head, and in backward the gradient of the first block's (sharded) input is gathered.
-    tp_only = {way: {op: n for op, n in c.items() if op in ("all_gather_into_tensor", "reduce_scatter_tensor")}
-               for way, c in deep.items()}  # fmt: skip
-    assert tp_only == {way: {"all_gather_into_tensor": 2 * DEPTH + 1, "reduce_scatter_tensor": 2 * DEPTH}
-                       for way in ("forward", "backward")}  # fmt: skip
+    tp_only = {
+        way: {op: n for op, n in c.items() if op in ("all_gather_into_tensor", "reduce_scatter_tensor")}
+        for way, c in deep.items()
+    }
+    assert tp_only == {
+        way: {"all_gather_into_tensor": 2 * DEPTH + 1, "reduce_scatter_tensor": 2 * DEPTH}
+        for way in ("forward", "backward")
+    }
 
 
 def test_single_device_issues_no_collective():

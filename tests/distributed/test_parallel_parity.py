@@ -64,9 +64,13 @@ SLOW_CASES = {
 # Every option of the encoder at once (and ViT's pooling/patch dropout), with all dropouts active:
 # masks are drawn at global sizes and sliced per tp rank, so the runs must match one process.
 ENCODER_OPTIONS = {
-    "qk_norm": True, "init_values": 0.1, "attn_drop_rate": 0.1, "proj_drop_rate": 0.1, "pos_drop_rate": 0.1,
+    "qk_norm": True,
+    "init_values": 0.1,
+    "attn_drop_rate": 0.1,
+    "proj_drop_rate": 0.1,
+    "pos_drop_rate": 0.1,
     "pos_embed": "learned_sincos",
-}  # fmt: skip
+}
 OPTIONS = {
     "vit": {**ENCODER_OPTIONS, "global_pool": "avg", "class_token": True, "patch_drop_rate": 0.25},
     "mae": ENCODER_OPTIONS,

@@ -82,11 +82,11 @@ def test_exported_safetensors_reproduce_the_parallel_model(tmp_path):
 def test_checkpoint_reshards_onto_other_meshes(tmp_path):
     common = ["--metrics.log-every", "1", "--max-steps", "4", "--arch.drop-path-rate", "0.1"]
     src = tmp_path / "src"
-    ref = run_ranks(8, train_runs.run, "mae", [*common, "--mesh", "2x2x2", "--checkpoint.every", "3",
-                                                   "--checkpoint.keep", "3", "--run.dir", str(src)])[0]  # fmt: skip
+    argv = [*common, "--mesh", "2x2x2", "--checkpoint.every", "3", "--checkpoint.keep", "3", "--run.dir", str(src)]
+    ref = run_ranks(8, train_runs.run, "mae", argv)[0]
     ckpt = src / "checkpoints" / "step-00000003"
     for world, mesh in [(8, "1x4x2"), (4, "1x1x4"), (2, "2x1x1"), (1, "1x1x1")]:
-        out = run_ranks(world, train_runs.run, "mae", [*common, "--mesh", mesh, "--checkpoint.resume", str(ckpt),
-                                                           "--run.dir", str(tmp_path / mesh)])[0]  # fmt: skip
+        argv = [*common, "--mesh", mesh, "--checkpoint.resume", str(ckpt), "--run.dir", str(tmp_path / mesh)]
+        out = run_ranks(world, train_runs.run, "mae", argv)[0]
         assert out["steps"] == 4
         assert abs(out["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), (mesh, out["loss"], ref["loss"])

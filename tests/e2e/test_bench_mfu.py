@@ -28,9 +28,15 @@ def report():
 def test_every_case_runs_the_production_path_its_ceiling_and_timm(report):
     assert report["code"] == 0, report["stderr"]
     got = [(r["case"], r["variant"]) for r in report["records"]]
-    assert got == [("vit-l16", "ceiling"), ("vit-l16", "timm"), ("vit-l16", "ucfvit"),
-                   ("mae-l16", "ceiling"), ("mae-l16", "ucfvit"),
-                   ("unetr-b16-3d", "ceiling"), ("unetr-b16-3d", "ucfvit")]  # fmt: skip
+    assert got == [
+        ("vit-l16", "ceiling"),
+        ("vit-l16", "timm"),
+        ("vit-l16", "ucfvit"),
+        ("mae-l16", "ceiling"),
+        ("mae-l16", "ucfvit"),
+        ("unetr-b16-3d", "ceiling"),
+        ("unetr-b16-3d", "ucfvit"),
+    ]
     for r in report["records"]:
         assert r["img_per_s"] > 0 and r["step_ms"] > 0 and r["flops_per_step"] > 0, r
         assert math.isclose(r["img_per_s"], r["batch"] * 1e3 / r["step_ms"]), r
@@ -49,17 +55,29 @@ def test_every_case_runs_the_production_path_its_ceiling_and_timm(report):
     assert ours["mae-l16"]["vs_timm_autocast_compiled"] is None  # timm has no MAE
     # the production path: the GPU recipe's bf16 compute over fp32 master weights, compiled as wrap picks
     assert ours["mae-l16"]["settings"] | {"compile": None} == {
-        "param_dtype": "bfloat16", "master_weights": "float32", "compile": None, "wrap": "auto", "ac": "none",
-        "fused_adamw": False, "grad_clip": 1.0,
-    }  # fmt: skip
+        "param_dtype": "bfloat16",
+        "master_weights": "float32",
+        "compile": None,
+        "wrap": "auto",
+        "ac": "none",
+        "fused_adamw": False,
+        "grad_clip": 1.0,
+    }
     assert ours["mae-l16"]["settings"]["compile"] == "aot_eager"
 
 
 def test_timm_is_asked_for_its_model_of_the_case(report):
     assert report["timm_calls"][-1] == {
-        "name": "vit_large_patch16_224", "pretrained": False, "img_size": 32, "patch_size": 4, "in_chans": 3,
-        "num_classes": 1000, "embed_dim": 64, "depth": 2, "num_heads": 8,
-    }  # fmt: skip
+        "name": "vit_large_patch16_224",
+        "pretrained": False,
+        "img_size": 32,
+        "patch_size": 4,
+        "in_chans": 3,
+        "num_classes": 1000,
+        "embed_dim": 64,
+        "depth": 2,
+        "num_heads": 8,
+    }
 
 
 def test_flops_agree_with_the_analytic_count(report):

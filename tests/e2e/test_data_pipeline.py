@@ -84,8 +84,10 @@ def test_several_datasets_from_a_partial_config_file_train_balanced(tmp_path):
     config = tmp_path / "datasets.json"
     config.write_text(json.dumps({"arch": {"img_size": [16, 16], "in_chans": 1}, "data": {"datasets": datasets}}))
     run_dir, log = tmp_path / "run", tmp_path / "log.txt"
-    argv = ["--model", "mae", "--config", str(config), "--mesh", "2x1x1", "--data.global-batch-size", "4",
-            "--max-steps", "3", "--metrics.log-every", "1", "--run.dir", str(run_dir)]  # fmt: skip
+    argv = [
+        *["--model", "mae", "--config", str(config), "--mesh", "2x1x1", "--data.global-batch-size", "4"],
+        *["--max-steps", "3", "--metrics.log-every", "1", "--run.dir", str(run_dir)],
+    ]
     text = wait(torchrun(2, argv, log), log)
     assert sorted(losses(run_dir)) == [1, 2, 3], text[-3000:]
     plan = json.loads((run_dir / "data" / "plan.json").read_text())

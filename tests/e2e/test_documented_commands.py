@@ -125,8 +125,10 @@ def test_the_readme_commands_run_in_order(tmp_path):
     env = {
         **os.environ,
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-        "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-    }  # fmt: skip
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     ran, skipped = [], []
     for line, reason, block in bash_blocks((ROOT / "README.md").read_text()):
         for argv, why in commands(block):

@@ -37,9 +37,12 @@ def _regression_loss(model, batch, rng, extra):
 
 
 TOY = FamilySpec(
-    "toy", IntensityRegressor, loss=_regression_loss, extra=lambda model: 2.0,
+    "toy",
+    IntensityRegressor,
+    loss=_regression_loss,
+    extra=lambda model: 2.0,
     recipe={"arch.class_token": False, "optim.lr": 1e-3},
-)  # fmt: skip
+)
 
 
 def train_toy(run_dir: str) -> dict:
@@ -49,8 +52,13 @@ def train_toy(run_dir: str) -> dict:
     register_family(TOY)
     cfg = parse(["--model", "toy", "--max-steps", "2", "--metrics.log-every", "1", "--run.dir", run_dir])
     result = train(cfg)
-    return {"steps": result.steps_done, "loss": result.last_loss, "choices": list_models(),
-            "lr": cfg.optim.lr, "class_token": result.model.cls_token is not None}  # fmt: skip
+    return {
+        "steps": result.steps_done,
+        "loss": result.last_loss,
+        "choices": list_models(),
+        "lr": cfg.optim.lr,
+        "class_token": result.model.cls_token is not None,
+    }
 
 
 def test_a_family_defined_in_a_test_file_trains_through_the_trainer(tmp_path):

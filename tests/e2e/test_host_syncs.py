@@ -35,8 +35,14 @@ def host_syncs(model: str, argv: list[str]) -> dict:
     from ucfvit.train import trainer as trainer_module
 
     aten = torch.ops.aten
-    syncing = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
-               aten._unique2.default, aten.equal.default, aten.is_nonzero.default}  # fmt: skip
+    syncing = {
+        aten._local_scalar_dense.default,
+        aten.nonzero.default,
+        aten.masked_select.default,
+        aten._unique2.default,
+        aten.equal.default,
+        aten.is_nonzero.default,
+    }
     seen: list[str] = []
 
     class Syncs(TorchDispatchMode):

@@ -28,9 +28,10 @@ TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
 def clean_env(**extra: str) -> dict[str, str]:
     """This environment without any launcher's variables (the tests may run inside a SLURM job), plus ``extra``."""
     env = {
-        k: v for k, v in os.environ.items()
+        k: v
+        for k, v in os.environ.items()
         if not k.startswith(("SLURM_", "TORCHELASTIC_", "UCFVIT_")) and k not in TORCHRUN_VARS
-    }  # fmt: skip
+    }
     return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 
@@ -52,10 +53,18 @@ def test_train_from_slurm_variables_alone(tmp_path):
     procs = []
     for rank in range(2):
         env = clean_env(
-            SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2",
-            SLURM_NODEID="0", SLURM_JOB_ID="4242", SLURM_STEP_ID="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-            CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT),
-        )  # fmt: skip
+            SLURM_PROCID=str(rank),
+            SLURM_LOCALID=str(rank),
+            SLURM_NTASKS="2",
+            SLURM_NTASKS_PER_NODE="2",
+            SLURM_NODEID="0",
+            SLURM_JOB_ID="4242",
+            SLURM_STEP_ID="0",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            CUDA_VISIBLE_DEVICES="",
+            PYTHONPATH=str(ROOT),
+        )
         log = open(tmp_path / f"rank{rank}.log", "w")  # noqa: SIM115 (closed below)
         cmd = [sys.executable, TRAIN, "--model", "vit", "--mesh", "2x1x1", "--max-steps", "3", "--run.dir", run_dir]
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -80,9 +89,15 @@ def test_train_from_slurm_variables_alone(tmp_path):
 def test_trainer_without_master_addr_fails_before_any_collective(tmp_path):
     """An srun task of a 2-task step whose launcher did not export MASTER_ADDR/MASTER_PORT: one line, exit 1."""
     env = clean_env(
-        SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", SLURM_NODEID="0",
-        SLURM_JOB_ID="4243", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT),
-    )  # fmt: skip
+        SLURM_PROCID="0",
+        SLURM_LOCALID="0",
+        SLURM_NTASKS="2",
+        SLURM_NTASKS_PER_NODE="2",
+        SLURM_NODEID="0",
+        SLURM_JOB_ID="4243",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONPATH=str(ROOT),
+    )
     cmd = [sys.executable, TRAIN, "--model", "vit", "--mesh", "2x1x1", "--max-steps", "3", "--run.dir", str(tmp_path)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1, out.stdout + out.stderr
@@ -122,8 +137,12 @@ echo "$3" > "$FAKE_OUT/scontrol.args"
 printf '%s\\n' $FAKE_HOSTS
 """
 
-ALLOCATION = {"SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "frontier[00001-00002]", "SLURM_JOB_NUM_NODES": "2",
-              "FAKE_HOSTS": "frontier00001 frontier00002"}  # fmt: skip
+ALLOCATION = {
+    "SLURM_JOB_ID": "123456",
+    "SLURM_JOB_NODELIST": "frontier[00001-00002]",
+    "SLURM_JOB_NUM_NODES": "2",
+    "FAKE_HOSTS": "frontier00001 frontier00002",
+}
 TRAIN_ARGS = ["--model", "mae", "--mesh", "2x4x2", "--run.dir", "/scratch/my runs/mae 1", "--data.seed=3", "x y"]
 
 
@@ -198,8 +217,8 @@ def test_frontier_dry_run_outside_an_allocation(fake):
     assert [n["host"] for n in plan["nodes"]] == ["node0", "node1"]
     assert [n["ranks"] for n in plan["nodes"]] == ["ranks 0-7", "ranks 8-15"]
     srun = plan["launch"]
-    assert srun[:8] == ["srun", "--nodes=2", "--ntasks=16", "--ntasks-per-node=8", "--cpus-per-task=7",
-                        "--gpus-per-task=1", "--gpu-bind=closest", "--kill-on-bad-exit=1"]  # fmt: skip
+    tasks = ["--nodes=2", "--ntasks=16", "--ntasks-per-node=8", "--cpus-per-task=7", "--gpus-per-task=1"]
+    assert srun[:8] == ["srun", *tasks, "--gpu-bind=closest", "--kill-on-bad-exit=1"]
     assert srun[-len(TRAIN_ARGS) - 2 :] == ["python", TRAIN, *TRAIN_ARGS]
     for node in plan["nodes"]:
         assert node["run"] == ["python", TRAIN, *TRAIN_ARGS]
@@ -209,8 +228,9 @@ def test_frontier_dry_run_outside_an_allocation(fake):
         assert env["MIOPEN_CUSTOM_CACHE_DIR"] == env["MIOPEN_USER_DB_PATH"]
     assert {(n["env"]["MASTER_ADDR"], n["env"]["MASTER_PORT"]) for n in plan["nodes"]} == {("node0", "29500")}
     assert [n["env"]["MIOPEN_USER_DB_PATH"] for n in plan["nodes"]] == [
-        "/tmp/ucfvit-miopen-JOBID-node0", "/tmp/ucfvit-miopen-JOBID-node1",
-    ]  # fmt: skip
+        "/tmp/ucfvit-miopen-JOBID-node0",
+        "/tmp/ucfvit-miopen-JOBID-node1",
+    ]
     assert recorded(fake, "srun") is None
 
 
@@ -281,19 +301,18 @@ def test_dgx_dry_run_and_run(fake):
     assert dry.returncode == 0, dry.stderr
     plan = parse_dry_run(dry.stdout)
     assert [n["host"] for n in plan["nodes"]] == ["node0", "node1"]
-    torchrun = ["torchrun", "--nnodes", "2", "--nproc_per_node", "8", "--rdzv_backend", "c10d",
-                "--rdzv_endpoint", "node0:29500", "--rdzv_id", "ucfvit-JOBID",
-                "/opt/ucfvit/recipes/train.py", *TRAIN_ARGS]  # fmt: skip
+    rendezvous = ["--rdzv_backend", "c10d", "--rdzv_endpoint", "node0:29500", "--rdzv_id", "ucfvit-JOBID"]
+    train = ["/opt/ucfvit/recipes/train.py", *TRAIN_ARGS]
+    torchrun = ["torchrun", "--nnodes", "2", "--nproc_per_node", "8", *rendezvous, *train]
     for node in plan["nodes"]:
         assert node["run"] == torchrun and node["ranks"] == "8 ranks"
         assert (node["env"]["MASTER_ADDR"], node["env"]["MASTER_PORT"]) == ("node0", "29500")
         assert node["env"]["NCCL_DEBUG"] == "WARN"
     srun = plan["launch"]
-    assert srun[: len(srun) - len(torchrun)] == [
-        "srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpu-bind=none",
-        "--container-image=/images/ucfvit.sqsh", f"--container-mounts={ROOT}:/opt/ucfvit,{ROOT}:{ROOT},/data:/data",
-        f"--container-workdir={ROOT}",
-    ]  # fmt: skip
+    tasks = ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpu-bind=none"]
+    mounts = f"--container-mounts={ROOT}:/opt/ucfvit,{ROOT}:{ROOT},/data:/data"
+    container = ["--container-image=/images/ucfvit.sqsh", mounts, f"--container-workdir={ROOT}"]
+    assert srun[: len(srun) - len(torchrun)] == ["srun", *tasks, *container]
     assert srun[len(srun) - len(torchrun) :] == torchrun
     assert recorded(fake, "srun") is None
 

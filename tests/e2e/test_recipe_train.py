@@ -53,8 +53,11 @@ def test_readme_main_command(tmp_path):
 
 
 def test_resume_after_sigkill_is_exact(tmp_path):
-    n, argv = 6, ["--model", "mae", "--mesh", "1x2x1", "--metrics.log-every", "1", "--checkpoint.export-safetensors",
-                  "--arch.drop-path-rate", "0.1", "--max-steps", "30"]  # fmt: skip
+    n = 6
+    argv = [
+        *["--model", "mae", "--mesh", "1x2x1", "--metrics.log-every", "1", "--checkpoint.export-safetensors"],
+        *["--arch.drop-path-rate", "0.1", "--max-steps", "30"],
+    ]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref_log = tmp_path / "ref.txt"
     wait(torchrun(2, [*argv, "--run.dir", str(ref_dir)], ref_log), ref_log)
@@ -91,16 +94,8 @@ def test_resume_after_sigkill_is_exact(tmp_path):
 def test_sigterm_on_one_rank_saves_an_agreed_checkpoint_and_exits_cleanly(tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "log.txt"
     argv = [
-        "--model",
-        "vit",
-        "--mesh",
-        "1x1x2",
-        "--max-steps",
-        "100000",
-        "--metrics.log-every",
-        "1",
-        "--run.dir",
-        str(run_dir),
+        *["--model", "vit", "--mesh", "1x1x2", "--max-steps", "100000", "--metrics.log-every", "1"],
+        *["--run.dir", str(run_dir)],
     ]
     proc = torchrun(2, argv, log)
     deadline = time.time() + 300

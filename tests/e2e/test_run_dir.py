@@ -51,8 +51,13 @@ def test_fresh_run_into_a_used_run_dir_is_refused_and_overwrite_replaces_it(tmp_
     out = recipe(["--checkpoint.resume", "none", "--max-steps", "3", "--run.dir", str(run)])
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
     msg = out.stderr.strip().splitlines()[-1]
-    for hint in ("already holds a run", "checkpoints up to step 2", "--checkpoint.resume auto", "--run.dir",
-                 "--run.overwrite"):  # fmt: skip
+    for hint in (
+        "already holds a run",
+        "checkpoints up to step 2",
+        "--checkpoint.resume auto",
+        "--run.dir",
+        "--run.overwrite",
+    ):
         assert hint in msg, msg
     assert snapshot(run / "checkpoints") == before  # nothing touched
 
@@ -95,11 +100,14 @@ def test_resume_by_path_from_an_older_step_moves_the_later_branch_aside(tmp_path
 def test_second_concurrent_run_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+    argv = ["--model", "vit", *TINY, "--max-steps", "100000", "--checkpoint.every", "2", "--run.dir", str(run)]
     first = subprocess.Popen(
-        [sys.executable, str(ROOT / "recipes" / "train.py"), "--model", "vit", *TINY, "--max-steps", "100000",
-         "--checkpoint.every", "2", "--run.dir", str(run)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
-    )  # fmt: skip
+        [sys.executable, str(ROOT / "recipes" / "train.py"), *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
         while find_checkpoint(run) is None and time.time() < deadline and first.poll() is None:
@@ -170,8 +178,8 @@ def _finite_model(ckpt: Path) -> bool:
 @pytest.mark.parametrize("skip", [0, 2])
 def test_divergence_stops_without_saving_a_non_finite_checkpoint(tmp_path, skip):
     run = tmp_path / "run"
-    out = recipe(["--optim.lr", "1e6", "--max-steps", "30", "--checkpoint.every", "1",
-                  "--optim.skip-nonfinite", str(skip), "--run.dir", str(run)])  # fmt: skip
+    diverging = ["--optim.lr", "1e6", "--max-steps", "30", "--checkpoint.every", "1"]
+    out = recipe([*diverging, "--optim.skip-nonfinite", str(skip), "--run.dir", str(run)])
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
     msg = out.stderr.strip().splitlines()[-1]
     assert "diverged" in msg and "non-finite" in msg and "--optim.lr" in msg, msg

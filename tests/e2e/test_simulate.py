@@ -30,9 +30,13 @@ DEBUG = ["--model", "vit", "--size", "debug", "--arch.img-size", "32", "32", "--
 
 def simulate_cli(*argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(SIMULATE), *argv], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        [sys.executable, str(SIMULATE), *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+    )
 
 
 def fsdp_allocation(argv: list[str]) -> dict:
@@ -78,13 +82,13 @@ def test_giant_on_4096_ranks_reports_what_fully_shard_allocates():
     assert "step peak" in done.stdout and "cost model (frontier)" in done.stdout
 
 
+MAE_DEBUG = ["--model", "mae", "--size", "debug", "--arch.img-size", "32", "32", "--arch.patch-size", "4"]
+SP_AC = ["--parallel.sequence-parallel", "--parallel.activation-checkpointing", "selective"]
 STEPS = [
-    DEBUG + ["--mesh", "2x2x2", "--data.global-batch-size", "8"],
-    DEBUG + ["--mesh", "2x2x2", "--data.global-batch-size", "8", "--parallel.sequence-parallel",
-             "--parallel.activation-checkpointing", "selective"],
-    ["--model", "mae", "--size", "debug", "--arch.img-size", "32", "32", "--arch.patch-size", "4", "--mesh", "2x2x2",
-     "--data.global-batch-size", "8"],
-]  # fmt: skip
+    [*DEBUG, "--mesh", "2x2x2", "--data.global-batch-size", "8"],
+    [*DEBUG, "--mesh", "2x2x2", "--data.global-batch-size", "8", *SP_AC],
+    [*MAE_DEBUG, "--mesh", "2x2x2", "--data.global-batch-size", "8"],
+]
 
 
 def _key(row: dict) -> str:
@@ -154,9 +158,13 @@ def _real_step(argv: list[str]) -> dict:
     ]
     tokens = model.num_patches + model.num_prefix_tokens
     return {
-        "counts": counts, "totals": _totals(measured), "local_batch": len(rows), "tokens": tokens,
-        "embed_dim": model.embed_dim, "depth": len(model.blocks),
-    }  # fmt: skip
+        "counts": counts,
+        "totals": _totals(measured),
+        "local_batch": len(rows),
+        "tokens": tokens,
+        "embed_dim": model.embed_dim,
+        "depth": len(model.blocks),
+    }
 
 
 def test_communication_equals_a_real_8_rank_gloo_step():
@@ -204,10 +212,8 @@ def test_extending_from_depths_3_and_4_equals_tracing_the_real_depth():
 
 
 def test_search_ranks_meshes_that_fit_the_budget():
-    done = simulate_cli(
-        *DEBUG, "--search", "--cluster", "dgx-h100", "--nodes", "2", "--top", "4", "--jobs", "1",
-        "--budget-gib", "0.01", "--data.global-batch-size", "64",
-    )  # fmt: skip
+    search = ["--search", "--cluster", "dgx-h100", "--nodes", "2", "--top", "4", "--jobs", "1", "--budget-gib", "0.01"]
+    done = simulate_cli(*DEBUG, *search, "--data.global-batch-size", "64")
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(done.stdout.strip().splitlines()[-1])
     fits, rejected = record["search"], record["rejected"]
@@ -311,8 +317,8 @@ def test_global_batch_comes_from_the_command_line_or_the_config_file(tmp_path):
 def test_a_15b_vit_on_4096_ranks_holds_its_share_of_the_weights():
     """What the removed memory_per_rank test checked: each rank of 16x32x8 holds ~1/(fsdp*tp) of a
     15.1B ViT's fp32 weights (FSDP's padded shards)."""
-    argv = ["--model", "vit", "--size", "huge", "--mesh", "16x32x8",
-            "--arch.embed-dim", "5120", "--arch.depth", "48", "--arch.num-heads", "40"]  # fmt: skip
+    shape = ["--arch.embed-dim", "5120", "--arch.depth", "48", "--arch.num-heads", "40"]
+    argv = ["--model", "vit", "--size", "huge", "--mesh", "16x32x8", *shape]
     r = run_ranks(1, fsdp_allocation, argv)[0]
     assert r["numel"] > 15e9 and r["fsdp_params"] == r["model_params"]
     ideal = r["numel"] * 4 / (32 * 8)

@@ -59,15 +59,19 @@ def option(args: list[str], name: str) -> str:
 
 def test_weak_and_strong_scripts_and_manifest(tmp_path, capsys):
     out = tmp_path / "sweep"
-    manifest = generate(out, "--nodes", "1", "2", "4", "--scaling", "both", "--per-gpu-batch", "16",
-                        "--extra=--parallel.activation-checkpointing full")  # fmt: skip
+    sizes = ["--nodes", "1", "2", "4", "--scaling", "both", "--per-gpu-batch", "16"]
+    manifest = generate(out, *sizes, "--extra=--parallel.activation-checkpointing full")
     assert "6 runs in" in capsys.readouterr().out
     assert manifest["system"] == "frontier" and manifest["peak_tflops_per_gpu"] == 191.5
     runs = manifest["runs"]
     assert [(r["scaling"], r["nodes"], r["mesh"], r["global_batch"]) for r in runs] == [
-        ("weak", 1, "1x8x1", 128), ("weak", 2, "2x8x1", 256), ("weak", 4, "4x8x1", 512),
-        ("strong", 1, "1x8x1", 128), ("strong", 2, "2x8x1", 128), ("strong", 4, "4x8x1", 128),
-    ]  # fmt: skip
+        ("weak", 1, "1x8x1", 128),
+        ("weak", 2, "2x8x1", 256),
+        ("weak", 4, "4x8x1", 512),
+        ("strong", 1, "1x8x1", 128),
+        ("strong", 2, "2x8x1", 128),
+        ("strong", 4, "4x8x1", 128),
+    ]
     assert sorted(p.name for p in (out / "scripts").iterdir()) == sorted(f"{r['name']}.sbatch" for r in runs)
     assert len({r["run_dir"] for r in runs}) == 6
     for run in runs:
@@ -76,9 +80,12 @@ def test_weak_and_strong_scripts_and_manifest(tmp_path, capsys):
         script = (out / run["script"]).read_text()
         assert script.startswith("#!/bin/bash\n")
         assert directives(script) == {
-            "-J": run["name"], "-A": "ABC123", "-N": str(run["nodes"]), "-t": "01:00:00",
+            "-J": run["name"],
+            "-A": "ABC123",
+            "-N": str(run["nodes"]),
+            "-t": "01:00:00",
             "-o": f"{out.resolve()}/logs/{run['name']}-%j.out",
-        }  # fmt: skip
+        }
         assert f"\ncd {out.resolve()}\n" in script
         call = launcher_call(script)
         assert call[:5] == ["exec", "bash", f"{ROOT}/launch/frontier/train.sbatch", "$@", "--"]
@@ -99,15 +106,18 @@ def test_weak_and_strong_scripts_and_manifest(tmp_path, capsys):
 
 
 def test_dgx_mesh_rules(tmp_path):
-    manifest = generate(tmp_path / "s", "--nodes", "1", "2", "--meshes", "auto", "ddp=1,fsdp=*,tp=1", "2x4x2",
-                        "ddp=*,fsdp=4,tp=2", "--partition", "batch", "--launcher-args=--image /images/ucfvit.sqsh",
-                        system="dgx")  # fmt: skip
+    meshes = ["--meshes", "auto", "ddp=1,fsdp=*,tp=1", "2x4x2", "ddp=*,fsdp=4,tp=2"]
+    slurm = ["--partition", "batch", "--launcher-args=--image /images/ucfvit.sqsh"]
+    manifest = generate(tmp_path / "s", "--nodes", "1", "2", *meshes, *slurm, system="dgx")
     assert manifest["peak_tflops_per_gpu"] == 989.0
     # auto and ddp=1,fsdp=*,tp=1 agree on one node (1x8x1: one run); 2x4x2 is for 16 GPUs only.
     assert [(r["nodes"], r["mesh"], r["mesh_rule"]) for r in manifest["runs"]] == [
-        (1, "1x8x1", "auto"), (1, "1x4x2", "ddp=*,fsdp=4,tp=2"),
-        (2, "2x8x1", "auto"), (2, "1x16x1", "ddp=1,fsdp=*,tp=1"), (2, "2x4x2", "2x4x2"),
-    ]  # fmt: skip
+        (1, "1x8x1", "auto"),
+        (1, "1x4x2", "ddp=*,fsdp=4,tp=2"),
+        (2, "2x8x1", "auto"),
+        (2, "1x16x1", "ddp=1,fsdp=*,tp=1"),
+        (2, "2x4x2", "2x4x2"),
+    ]
     script = (tmp_path / "s" / manifest["runs"][0]["script"]).read_text()
     assert directives(script)["-p"] == "batch" and directives(script)["--gpus-per-node=8"] == ""
     call = launcher_call(script)
@@ -123,8 +133,13 @@ def test_scripts_drive_the_launcher_dry_run(tmp_path, system):
     manifest = generate(tmp_path / "s", "--nodes", "1", "2", *container, system=system)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     for run in manifest["runs"]:
-        result = subprocess.run(["bash", str(tmp_path / "s" / run["script"]), "--dry-run"], capture_output=True,
-                                text=True, env=env, cwd=tmp_path)  # fmt: skip
+        result = subprocess.run(
+            ["bash", str(tmp_path / "s" / run["script"]), "--dry-run"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
         assert result.returncode == 0, result.stderr
         (launch,) = [shlex.split(line) for line in result.stdout.splitlines() if line.startswith("launch ")]
         assert f"--nodes={run['nodes']}" in launch and launch[-len(run["train_args"]) :] == run["train_args"]
@@ -138,20 +153,40 @@ def test_scripts_drive_the_launcher_dry_run(tmp_path, system):
         (["--meshes", "1x8x1"], "--meshes: no mesh for --nodes 2 (16 GPUs)"),
         (["--meshes", "1x1x16"], "--meshes 1x1x16: tp=16 must divide the 8 GPUs of a node"),
         (["--meshes", "ddp=*,fsdp=1,tp=16"], "--meshes ddp=*,fsdp=1,tp=16: tp=16 must divide the 8 GPUs of a node"),
-        (["--models", "vit:base", "--meshes", "ddp=*,fsdp=1,tp=8"], "--meshes with tp=8 for --models vit:base: "
-         "blocks.0.attn has 12 heads: num_heads=12 is not divisible by tp=8"),
-        (["--scaling", "strong", "--global-batch", "100"], "--global-batch: strong scaling on mesh 1x8x1 has global "
-         "batch 100, not divisible by the data-parallel size ddp*fsdp=8"),
+        (
+            ["--models", "vit:base", "--meshes", "ddp=*,fsdp=1,tp=8"],
+            "--meshes with tp=8 for --models vit:base: "
+            "blocks.0.attn has 12 heads: num_heads=12 is not divisible by tp=8",
+        ),
+        (
+            ["--scaling", "strong", "--global-batch", "100"],
+            "--global-batch: strong scaling on mesh 1x8x1 has global "
+            "batch 100, not divisible by the data-parallel size ddp*fsdp=8",
+        ),
         (["--models", "vit:enormous"], "--models vit:enormous: size 'enormous' is unknown"),
         (["--models", "resnet:large"], "--models resnet:large: model='resnet' is unknown"),
         (["--extra=--mesh 1x1x8"], "--extra sets --mesh, which the sweep sets for each run"),
-        (["--extra=--parallel.activation-checkpointin full"], "Unrecognized options: "
-         "--parallel.activation-checkpointin"),
+        (
+            ["--extra=--parallel.activation-checkpointin full"],
+            "Unrecognized options: --parallel.activation-checkpointin",
+        ),
         (["--time", "90"], "--time 90: write HH:MM:SS"),
     ],
-    ids=["literal-mesh-product", "template-product", "node-count-without-mesh", "tp-over-node-literal", "tp-over-node",
-         "tp-heads", "batch-divisibility", "size", "model", "extra-sets-mesh", "extra-typo", "time"],
-)  # fmt: skip
+    ids=[
+        "literal-mesh-product",
+        "template-product",
+        "node-count-without-mesh",
+        "tp-over-node-literal",
+        "tp-over-node",
+        "tp-heads",
+        "batch-divisibility",
+        "size",
+        "model",
+        "extra-sets-mesh",
+        "extra-typo",
+        "time",
+    ],
+)
 def test_bad_input_is_refused_in_one_line(tmp_path, args, message):
     out = tmp_path / "s"
     with pytest.raises(SystemExit) as err:
@@ -174,9 +209,20 @@ def test_non_empty_out_is_refused_and_kept(tmp_path):
 
 
 def record(step: int, images: float, mem: float = 20.0, mfu: float | None = None, max_steps: int = 100) -> dict:
-    return {"step": step, "max_steps": max_steps, "loss": 1.0, "lr": 1e-4, "grad_norm": 1.0, "images_per_s": images,
-            "tokens_per_s": images * 196, "tflops": images / 2, "mfu": mfu, "peak_mem_gib": mem, "eta_s": 1.0,
-            "time": 1.8e9 + step}  # fmt: skip
+    return {
+        "step": step,
+        "max_steps": max_steps,
+        "loss": 1.0,
+        "lr": 1e-4,
+        "grad_norm": 1.0,
+        "images_per_s": images,
+        "tokens_per_s": images * 196,
+        "tflops": images / 2,
+        "mfu": mfu,
+        "peak_mem_gib": mem,
+        "eta_s": 1.0,
+        "time": 1.8e9 + step,
+    }
 
 
 def write_run(run_dir: Path, rates: list[float], *, last: int = 100, mfu: float | None = None, tail: str = "") -> None:
@@ -224,10 +270,15 @@ def test_collector_numbers_statuses_table_and_plots(fabricated, capsys):
     numbers = ("images_per_s", "images_per_s_per_gpu", "efficiency", "tflops_per_gpu", "mfu", "peak_mem_gib")
     col = {name: {k: float(r[k]) if r[k] else None for k in numbers} for name, r in rows.items()}
     assert {k: r["status"] for k, r in rows.items()} == {
-        "weak-n1-1x8x1": "done", "weak-n2-2x8x1": "done", "weak-n4-4x8x1": "done", "weak-n8-8x8x1": "running",
-        "strong-n1-1x8x1": "done", "strong-n2-2x8x1": "stopped", "strong-n4-4x8x1": "failed",
+        "weak-n1-1x8x1": "done",
+        "weak-n2-2x8x1": "done",
+        "weak-n4-4x8x1": "done",
+        "weak-n8-8x8x1": "running",
+        "strong-n1-1x8x1": "done",
+        "strong-n2-2x8x1": "stopped",
+        "strong-n4-4x8x1": "failed",
         "strong-n8-8x8x1": "missing",
-    }  # fmt: skip
+    }
     assert [rows[f"weak-n{n}-{n}x8x1"]["records"] for n in (1, 2, 4, 8)] == ["8", "8", "8", "1"]
     for n, rate, eff in [(1, 100.0, 1.0), (2, 190.0, 0.95), (4, 360.0, 0.9), (8, 640.0, 0.8)]:
         r = col[f"weak-n{n}-{n}x8x1"]
@@ -271,8 +322,9 @@ def test_collector_stale_lock_and_skip(fabricated, capsys):
 def test_collector_on_run_directories(tmp_path, capsys):
     run = tmp_path / "a"
     write_run(run, [30.0] * 3, last=50)
-    (run / "config.json").write_text(json.dumps({"model": "mae", "model_size": "debug", "mesh": "1x2x2",
-                                                 "data": {"global_batch_size": 16}}))  # fmt: skip
+    (run / "config.json").write_text(
+        json.dumps({"model": "mae", "model_size": "debug", "mesh": "1x2x2", "data": {"global_batch_size": 16}})
+    )
     with pytest.raises(SystemExit):
         collect.main([str(run)])
     assert "--out is needed" in capsys.readouterr().err
@@ -280,6 +332,7 @@ def test_collector_on_run_directories(tmp_path, capsys):
     with open(tmp_path / "out" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["name"], r["model"], r["gpus"], r["mesh"], r["status"]) for r in rows] == [
-        ("a", "mae", "4", "1x2x2", "stopped"), ("never-ran", "", "", "", "missing")
-    ]  # fmt: skip
+        ("a", "mae", "4", "1x2x2", "stopped"),
+        ("never-ran", "", "", "", "missing"),
+    ]
     assert float(rows[0]["mfu"]) == pytest.approx(15 / (4 * 10))

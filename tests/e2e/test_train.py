@@ -27,21 +27,8 @@ def all_presets(steps: int, run_dir: str) -> list[dict]:
     out = []
     for model in ("vit", "mae", "unetr", "sap", "diffusion"):
         for img in (["32", "32"], ["16", "16", "16"]):
-            result = train(
-                config(
-                    model,
-                    [
-                        "--max-steps",
-                        str(steps),
-                        "--arch.img-size",
-                        *img,
-                        "--run.dir",
-                        f"{run_dir}/{model}-{len(img)}d",
-                        "--metrics.log-every",
-                        "1",
-                    ],
-                )
-            )
+            argv = ["--max-steps", str(steps), "--arch.img-size", *img, "--metrics.log-every", "1"]
+            result = train(config(model, [*argv, "--run.dir", f"{run_dir}/{model}-{len(img)}d"]))
             out.append({"model": model, "ndim": len(img), "steps": result.steps_done, "loss": result.last_loss})
     return out
 
@@ -126,27 +113,10 @@ def checkpoint_keys(model: str, argv: list[str]) -> list[str]:
 
 
 def test_checkpoint_keys_do_not_depend_on_activation_checkpointing_or_compile(tmp_path):
-    plain = run_ranks(
-        2,
-        checkpoint_keys,
-        "vit",
-        ["--mesh", "1x1x2", "--max-steps", "1", "--run.dir", str(tmp_path / "a")],
-    )[0]
-    ac = run_ranks(
-        2,
-        checkpoint_keys,
-        "vit",
-        [
-            "--mesh",
-            "1x1x2",
-            "--max-steps",
-            "1",
-            "--run.dir",
-            str(tmp_path / "b"),
-            "--parallel.activation-checkpointing",
-            "full",
-        ],
-    )[0]
+    argv = ["--mesh", "1x1x2", "--max-steps", "1"]
+    plain = run_ranks(2, checkpoint_keys, "vit", [*argv, "--run.dir", str(tmp_path / "a")])[0]
+    full = ["--parallel.activation-checkpointing", "full"]
+    ac = run_ranks(2, checkpoint_keys, "vit", [*argv, "--run.dir", str(tmp_path / "b"), *full])[0]
     assert plain == ac and "blocks.0.attn.q.weight" in plain
     saved = json.loads((tmp_path / "a" / "config.json").read_text())
     assert saved["model"] == "vit"

@@ -21,10 +21,12 @@ def train_with_counters(model: str, argv: list[str]) -> dict:
     counters.clear()
     result = train(config(model, argv))
     return {
-        "steps": result.steps_done, "loss": result.last_loss,
-        "graph_breaks": sum(counters["graph_break"].values()), "graphs": counters["stats"]["unique_graphs"],
+        "steps": result.steps_done,
+        "loss": result.last_loss,
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "graphs": counters["stats"]["unique_graphs"],
         "inductor": sum(counters["inductor"].values()) > 0,
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize(

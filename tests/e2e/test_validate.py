@@ -28,7 +28,7 @@ def test_the_entry_point_prints_one_line_and_creates_nothing(tmp_path):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for name, argv in cases.items()
     }  # launched together: each spends its seconds importing torch
     for name, proc in procs.items():

@@ -36,8 +36,13 @@ with Watchdog(1.0, rank=3) as watchdog:
 def test_a_stalled_loop_exits_naming_rank_step_and_phase(tmp_path):
     (tmp_path / "loop.py").write_text(STALLED_LOOP)
     start = time.monotonic()
-    out = subprocess.run([sys.executable, str(tmp_path / "loop.py")], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(tmp_path / "loop.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert out.returncode == EXIT_CODE, out.stderr
     assert time.monotonic() - start < 30
     last = out.stderr.strip().splitlines()[-1]
@@ -51,12 +56,18 @@ def test_a_sigstopped_rank_ends_the_whole_torchrun_job(tmp_path):
     SIGKILLs the stopped one after its grace period (30 s, fixed for a failed worker group)."""
     timeout, grace = 5, 30
     run_dir, log = tmp_path / "run", tmp_path / "log.txt"
-    argv = ["--model", "vit", "--mesh", "1x1x2", "--max-steps", "100000", "--metrics.log-every", "1",
-            "--run.collective-timeout", str(timeout), "--run.dir", str(run_dir)]  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "recipes" / "train.py"), *argv]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    argv = [
+        *["--model", "vit", "--mesh", "1x1x2", "--max-steps", "100000", "--metrics.log-every", "1"],
+        *["--run.collective-timeout", str(timeout), "--run.dir", str(run_dir)],
+    ]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd = [*launcher, str(ROOT / "recipes" / "train.py"), *argv]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     with open(log, "w") as out:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     metrics, stopped = run_dir / "metrics.jsonl", None

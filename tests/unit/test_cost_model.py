@@ -21,10 +21,26 @@ def test_groups_inside_a_node():
 def test_cost_model_arithmetic():
     frontier = CLUSTERS["frontier"]
     shape = MeshShape(2, 4, 8)  # tp inside a node, fsdp between nodes
-    tp = dict(phase="forward_backward", dims="tp", op="all_reduce", functional=True, group_size=8,
-              ring_steps=14, count=10, sent_bytes=50e9)  # fmt: skip
-    fsdp = dict(phase="forward_backward", dims="fsdp", op="all_gather", functional=False, group_size=4,
-                ring_steps=3, count=2, sent_bytes=12.5e9)  # fmt: skip
+    tp = dict(
+        phase="forward_backward",
+        dims="tp",
+        op="all_reduce",
+        functional=True,
+        group_size=8,
+        ring_steps=14,
+        count=10,
+        sent_bytes=50e9,
+    )
+    fsdp = dict(
+        phase="forward_backward",
+        dims="fsdp",
+        op="all_gather",
+        functional=False,
+        group_size=4,
+        ring_steps=3,
+        count=2,
+        sent_bytes=12.5e9,
+    )
     assert collective_seconds(tp, shape, frontier) == pytest.approx(10 * 14 * 5e-6 + 1.0)  # 50 GB/s inside
     assert collective_seconds(fsdp, shape, frontier) == pytest.approx(2 * 3 * 10e-6 + 1.0)  # 12.5 GB/s between
     pair = {**tp, "group_size": 2, "ring_steps": 2}

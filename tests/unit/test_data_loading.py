@@ -128,9 +128,16 @@ def test_single_channel_models_train_on_each_channel_with_its_own_variable(separ
 
     torch.manual_seed(0)
     model = build_model(
-        "sap", "debug", img_size=(16, 16), patch_size=4, variables=["ct", "pet"], single_channel=True,
-        adaptive_patching=True, fixed_length=10, num_classes=2,
-    )  # fmt: skip
+        "sap",
+        "debug",
+        img_size=(16, 16),
+        patch_size=4,
+        variables=["ct", "pet"],
+        single_channel=True,
+        adaptive_patching=True,
+        fixed_length=10,
+        num_classes=2,
+    )
     tree = TreePatches(4, 10, None, (50.0, 150.0), separate_channels=separate)
     images = torch.zeros(2, 2, 16, 16)
     images[:, 0, 2:6, 2:6], images[:, 1, 8:16, 0:12] = 1.0, 1.0  # the channels' edges differ

@@ -30,9 +30,13 @@ def _sums(values: dict) -> dict:
 # ------------------------------------------------------------------------------- metrics by hand
 def test_topk_accuracy_counts():
     logits = torch.tensor(
-        [[0.1, 0.9, 0.0, 0.2, 0.3, 0.4], [0.9, 0.1, 0.8, 0.7, 0.6, 0.5], [0.0, 0.0, 1.0, 0.5, 0.2, 0.1],
-         [0.6, 0.5, 0.4, 0.3, 0.2, 0.1]]
-    )  # fmt: skip
+        [
+            [0.1, 0.9, 0.0, 0.2, 0.3, 0.4],
+            [0.9, 0.1, 0.8, 0.7, 0.6, 0.5],
+            [0.0, 0.0, 1.0, 0.5, 0.2, 0.1],
+            [0.6, 0.5, 0.4, 0.3, 0.2, 0.1],
+        ]
+    )
     labels = torch.tensor([1, 1, 2, 5])  # top-1 hits: yes, no (rank 6), yes, no (rank 6)
     hits = topk_correct(logits, labels, ks=(1, 5))
     assert hits[1].tolist() == [1, 0, 1, 0] and hits[5].tolist() == [1, 0, 1, 0]
@@ -146,8 +150,14 @@ def test_segmentation_confusion_dice_iou_by_hand_and_sliding_window_on_larger_im
     seg = torch.tensor([[[0, 0, 1, 1]] * 4])  # (1, 4, 4): two columns of class 1
     pred_logits = torch.zeros(1, 3, 4, 4)
     pred_logits[0, 1, :, 1:] = 9  # predicts class 1 in three columns, class 0 in the first
-    values = Segmentation().evaluate(_Fixed(pred_logits), {"image": torch.zeros(1, 1, 4, 4), "seg": seg},
-                                     lambda b: (b["image"],), None, None, OPTIONS)  # fmt: skip
+    values = Segmentation().evaluate(
+        _Fixed(pred_logits),
+        {"image": torch.zeros(1, 1, 4, 4), "seg": seg},
+        lambda b: (b["image"],),
+        None,
+        None,
+        OPTIONS,
+    )
     m = Segmentation().summarize(_sums(values), 1)
     # class 0: TP 4, FN 4, FP 0 -> Dice 8/12, IoU 4/8; class 1: TP 8, FP 4 -> Dice 16/20, IoU 8/12; class 2 absent.
     assert m["dice"][:2] == pytest.approx([8 / 12, 16 / 20]) and m["dice"][2] is None
@@ -160,8 +170,9 @@ def test_segmentation_confusion_dice_iou_by_hand_and_sliding_window_on_larger_im
     truth = (image[:, 0] > 0.5).long()
     for weights in ("gaussian", "uniform"):
         options = EvalOptions(window_overlap=0.25, window_weights=weights)
-        values = Segmentation().evaluate(_Threshold(), {"image": image, "seg": truth}, lambda b: (b["image"],),
-                                         None, None, options)  # fmt: skip
+        values = Segmentation().evaluate(
+            _Threshold(), {"image": image, "seg": truth}, lambda b: (b["image"],), None, None, options
+        )
         m = Segmentation().summarize(_sums(values), 2)
         assert m["dice"] == [1.0, 1.0] and m["pixel_accuracy"] == 1.0, (weights, m)
 
@@ -223,12 +234,15 @@ def test_pictures_draw_images_label_overlays_regions_and_3d_slices(tmp_path):
     [
         ("vit", ["--eval.every", "5", "--eval.image-size", "64", "64"], "evaluates inputs of its own size only"),
         ("unetr", ["--eval.every", "5", "--eval.image-size", "16", "64"], "each at least the model's input"),
-        ("diffusion", ["--eval.every", "5", "--arch.time-steps", "20", "--eval.sample-steps", "30"],
-         "--eval.sample-steps 30 must be at most --arch.time-steps 20"),
+        (
+            "diffusion",
+            ["--eval.every", "5", "--arch.time-steps", "20", "--eval.sample-steps", "30"],
+            "--eval.sample-steps 30 must be at most --arch.time-steps 20",
+        ),
         ("unetr", ["--eval.every", "5", "--eval.split", "0.5", "0.2"], "--eval.split 0.5 0.2 must be fractions"),
         ("mae", ["--eval.samples", "0"], "--eval.samples=0 is out of range"),
     ],
-)  # fmt: skip
+)
 def test_bad_validation_options_are_refused_before_anything_runs(model, argv, message, tmp_path):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
         validate_config(config(model, [*argv, "--run.dir", str(tmp_path / "run")]))

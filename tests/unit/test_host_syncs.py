@@ -32,8 +32,11 @@ def test_forward_and_backward_copy_nothing_from_the_host(family):
     kwargs = {"img_size": (16, 16), "drop_path_rate": 0.1}
     with torch.device("meta"):
         model = build_model(family, "debug", **kwargs)
-        batch = {"image": torch.randn(4, 3, 16, 16), "label": torch.zeros(4, dtype=torch.long),
-                 "seg": torch.zeros(4, 16, 16, dtype=torch.long)}  # fmt: skip
+        batch = {
+            "image": torch.randn(4, 3, 16, 16),
+            "label": torch.zeros(4, dtype=torch.long),
+            "seg": torch.zeros(4, 16, 16, dtype=torch.long),
+        }
     spec = get_family(family)
     rng, extra = SampleRNG(0, 3, 0, 4, device="meta"), spec.build_extra(model)
     with HostTensors() as mode:

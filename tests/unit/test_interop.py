@@ -66,10 +66,20 @@ def test_timm_avg_pool_vit_converts_to_equal_logits(qk_norm_and_ls):
     expect = timm_vit_forward(state, x, depth, heads, patch)
 
     model = build_model(
-        "vit", "debug", img_size=patch * grid, patch_size=patch, embed_dim=d, depth=depth, num_heads=heads,
-        num_classes=classes, global_pool="avg", class_token=True, pos_embed="learned",
-        qk_norm=qk_norm_and_ls, init_values=0.1 if qk_norm_and_ls else None,
-    ).eval()  # fmt: skip
+        "vit",
+        "debug",
+        img_size=patch * grid,
+        patch_size=patch,
+        embed_dim=d,
+        depth=depth,
+        num_heads=heads,
+        num_classes=classes,
+        global_pool="avg",
+        class_token=True,
+        pos_embed="learned",
+        qk_norm=qk_norm_and_ls,
+        init_values=0.1 if qk_norm_and_ls else None,
+    ).eval()
     model.load_state_dict(from_timm(state))
     torch.testing.assert_close(model(x), expect, rtol=0, atol=1e-5)
     if qk_norm_and_ls:
@@ -82,10 +92,18 @@ def test_timm_avg_pool_vit_converts_to_equal_logits(qk_norm_and_ls):
 def test_vit_exports_to_a_timm_state_dict_with_equal_logits_and_back(pos_embed, qk_norm_and_ls):
     d, depth, heads, patch, grid = 32, 2, 4, 4, 4
     kwargs = dict(
-        img_size=patch * grid, patch_size=patch, embed_dim=d, depth=depth, num_heads=heads, num_classes=5,
-        global_pool="avg", class_token=True, pos_embed=pos_embed, qk_norm=qk_norm_and_ls,
+        img_size=patch * grid,
+        patch_size=patch,
+        embed_dim=d,
+        depth=depth,
+        num_heads=heads,
+        num_classes=5,
+        global_pool="avg",
+        class_token=True,
+        pos_embed=pos_embed,
+        qk_norm=qk_norm_and_ls,
         init_values=0.1 if qk_norm_and_ls else None,
-    )  # fmt: skip
+    )
     model = perturbed(build_model("vit", "debug", **kwargs))
     x = torch.randn(2, 3, patch * grid, patch * grid)
     state = to_timm(model)
@@ -107,9 +125,17 @@ HEADS, DHEADS, RATIO = 4, 2, 0.75
 def mae_kwargs(**extra) -> dict:
     s = MAE_SIZES
     return dict(
-        img_size=s["patch"] * s["grid"], patch_size=s["patch"], embed_dim=s["d"], depth=s["depth"], num_heads=HEADS,
-        decoder_embed_dim=s["dd"], decoder_depth=s["ddepth"], decoder_num_heads=DHEADS, mask_ratio=RATIO, **extra,
-    )  # fmt: skip
+        img_size=s["patch"] * s["grid"],
+        patch_size=s["patch"],
+        embed_dim=s["d"],
+        depth=s["depth"],
+        num_heads=HEADS,
+        decoder_embed_dim=s["dd"],
+        decoder_depth=s["ddepth"],
+        decoder_num_heads=DHEADS,
+        mask_ratio=RATIO,
+        **extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -270,17 +296,37 @@ UCF = dict(d=32, depth=2, patch=4, grid=4, classes=5)
 
 def ucf_vit_model(variables: int = 0) -> torch.nn.Module:
     names = dict(use_varemb=True, variables=[f"v{i}" for i in range(variables)]) if variables else {}
-    return build_model(
-        "vit", "debug", img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=5,
-        class_token=True, pos_embed="learned", global_pool="token", fc_norm=False, **names,
-    ).double().eval()  # fmt: skip
+    return (
+        build_model(
+            "vit",
+            "debug",
+            img_size=16,
+            patch_size=4,
+            embed_dim=32,
+            depth=2,
+            num_heads=4,
+            num_classes=5,
+            class_token=True,
+            pos_embed="learned",
+            global_pool="token",
+            fc_norm=False,
+            **names,
+        )
+        .double()
+        .eval()
+    )
 
 
 def ucf_checkpoint(state: dict) -> dict:
     """What UCF-VIT's torch.save writes around the model state."""
     optimizer, scheduler = {"state": {}, "param_groups": []}, {"last_epoch": 3, "base_lrs": [1e-3]}
-    return {"epoch": 3, "model_state_dict": state, "optimizer_state_dict": optimizer,
-            "scheduler_state_dict": scheduler, "loss_list": [torch.tensor(0.5)]}  # fmt: skip
+    return {
+        "epoch": 3,
+        "model_state_dict": state,
+        "optimizer_state_dict": optimizer,
+        "scheduler_state_dict": scheduler,
+        "loss_list": [torch.tensor(0.5)],
+    }
 
 
 @pytest.mark.parametrize("variables", [0, 2])

@@ -34,8 +34,14 @@ def _restore_environ():
     os.environ.update(saved)
 
 
-SRUN_TASK = {"SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_NTASKS": "16", "SLURM_NODEID": "1",
-             "MASTER_ADDR": "frontier00001", "MASTER_PORT": "13456"}  # fmt: skip
+SRUN_TASK = {
+    "SLURM_PROCID": "9",
+    "SLURM_LOCALID": "1",
+    "SLURM_NTASKS": "16",
+    "SLURM_NODEID": "1",
+    "MASTER_ADDR": "frontier00001",
+    "MASTER_PORT": "13456",
+}
 
 
 @pytest.mark.parametrize(
@@ -65,8 +71,11 @@ def test_tasks_on_node_errors(tasks, node, message):
 )
 def test_slurm_env_mapping(tasks_vars, local_world):
     assert slurm_env({**SRUN_TASK, **tasks_vars}) == {
-        "RANK": "9", "LOCAL_RANK": "1", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": local_world,
-    }  # fmt: skip
+        "RANK": "9",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "16",
+        "LOCAL_WORLD_SIZE": local_world,
+    }
 
 
 def test_rank_wins_over_slurm():

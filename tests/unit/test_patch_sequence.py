@@ -146,10 +146,18 @@ def _pair(family: str, backend: str, **kwargs):
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "math"])
-@pytest.mark.parametrize("family, kwargs", [
-    ("vit", {}), ("vit", {"class_token": False}), ("vit", {"use_adaptive_pos_emb": True, "rope": True}),
-    ("unetr", {}), ("unetr", {"linear_decoder": True}), ("sap", {}), ("sap", {"use_adaptive_pos_emb": True}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "family, kwargs",
+    [
+        ("vit", {}),
+        ("vit", {"class_token": False}),
+        ("vit", {"use_adaptive_pos_emb": True, "rope": True}),
+        ("unetr", {}),
+        ("unetr", {"linear_decoder": True}),
+        ("sap", {}),
+        ("sap", {"use_adaptive_pos_emb": True}),
+    ],
+)
 def test_pad_mask_gives_the_result_of_the_unpadded_sequence(family, kwargs, backend):
     padded_model, short_model = _pair(family, backend, **kwargs)
     seq = short_sequence()

@@ -348,8 +348,10 @@ def test_the_command_line_opens_no_data_file_and_validation_fills_the_options(tm
     from data_files import nifti_dataset
 
     root = nifti_dataset(tmp_path / "ct", 2, (24, 20, 16))
-    argv = ["--model", "mae", "--data.kind", "nifti", "--data.root", str(root), "--data.tile", "16", "16", "16",
-            "--run.dir", str(tmp_path / "run")]  # fmt: skip
+    argv = [
+        *["--model", "mae", "--data.kind", "nifti", "--data.root", str(root), "--data.tile", "16", "16", "16"],
+        *["--run.dir", str(tmp_path / "run")],
+    ]
     _OPENED.clear()
     _WATCH[:] = [str(root)]
     try:
