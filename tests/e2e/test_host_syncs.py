@@ -32,6 +32,8 @@ def host_syncs(model: str, argv: list[str]) -> dict:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from ucfvit.models import get_family
+    from ucfvit.train import guards
+    from ucfvit.train import plan as plan_module
     from ucfvit.train import trainer as trainer_module
 
     aten = torch.ops.aten
@@ -66,10 +68,10 @@ def host_syncs(model: str, argv: list[str]) -> dict:
         return inner
 
     spec = get_family(model)
-    trainer_module.get_family = lambda name: dataclasses.replace(spec, loss=watched(spec.loss))
+    plan_module.get_family = lambda name: dataclasses.replace(spec, loss=watched(spec.loss))  # the run plan's spec
     torch.Tensor.backward = watched(torch.Tensor.backward)
     trainer_module.clip_grad_norm_ = watched(trainer_module.clip_grad_norm_)
-    trainer_module._FiniteGuard.update_ok = watched(trainer_module._FiniteGuard.update_ok)
+    guards.FiniteGuard.update_ok = watched(guards.FiniteGuard.update_ok)
     build = trainer_module.build_optimizer
 
     def gpu_optimizer(net, cfg, device_type):
@@ -94,4 +96,4 @@ def test_the_sync_watch_sees_a_read(tmp_path):
     # the same watch catches the host sync --optim.skip-nonfinite N costs by design (one per step)
     argv = ["--max-steps", "2", "--optim.skip-nonfinite", "1", "--run.dir", str(tmp_path)]
     got = run_ranks(1, host_syncs, "vit", argv, timeout=300)[0]
-    assert len(got["syncs"]) == 2 and all("train/trainer.py" in s for s in got["syncs"]), got
+    assert len(got["syncs"]) == 2 and all("train/guards.py" in s for s in got["syncs"]), got

@@ -43,12 +43,13 @@ def test_readme_main_command(tmp_path):
     log = tmp_path / "log.txt"
     text = wait(torchrun(nproc, [*argv, "--run.dir", str(tmp_path / "run")], log), log)
     assert "step     60/60" in text, text[-3000:]
-    assert '"mesh": "2x2x2"' in text  # the resolved config is printed
+    assert "mae/debug on mesh 2x2x2 (cpu)" in text  # the resolved run is printed (its whole config with --verbose)
     run = tmp_path / "run"
     logged = [v[0] for _, v in sorted(losses(run).items())]
     assert len(logged) >= 20
     assert sum(logged[-10:]) / 10 < sum(logged[:10]) / 10
-    assert json.loads((run / "config.json").read_text())["model"] == "mae"
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model"] == "mae" and saved["mesh"] == "2x2x2"
     assert find_checkpoint(run).name == "step-00000060"
 
 
