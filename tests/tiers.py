@@ -10,12 +10,14 @@ tests/conftest.py imports these hooks; a pytest run elsewhere loads them with ``
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 TIERS = ("unit", "distributed", "e2e", "acceptance")
 
 
-def tier_of(path, rootpath) -> str | None:
+def tier_of(path: Path, rootpath: Path) -> str | None:
     """The tier folder under ``<rootdir>/tests`` that holds ``path``, or None."""
     tests = rootpath / "tests"
     if not path.is_relative_to(tests):
@@ -32,7 +34,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.pluginmanager.register(UnitTierGate(config), "unit-tier-gate")
+    if not config.pluginmanager.has_plugin("unit-tier-gate"):  # once, also if loaded twice (-p tiers)
+        config.pluginmanager.register(UnitTierGate(config), "unit-tier-gate")
 
 
 class UnitTierGate:
