@@ -1,4 +1,5 @@
-"""Shared test helpers: the family matrix (from the registry) and tiny model inputs for every family."""
+"""Shared by every tier: the tier markers and the stop after a failing unit tier (tiers.py), the
+family matrix (from the registry) and tiny model inputs for every family."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
+from tiers import pytest_collection_modifyitems, pytest_configure  # noqa: E402, F401 -- the tiers' hooks
 from ucfvit.models import FAMILIES as REGISTRY  # noqa: E402
 from ucfvit.models import list_models  # noqa: E402
 

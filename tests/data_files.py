@@ -1,4 +1,5 @@
-"""Small data sets on disk for the data tests: NumPy arrays, NIfTI volumes, image-folder trees.
+"""Small data sets on disk for the data tests: NumPy arrays, NIfTI volumes, image-folder trees, and
+the trainer's flags for the arrays.
 
 Every sample carries its own identity in its pixels (file number and position), so a test can
 tell which file and tile a batch came from by looking at the batch alone.
@@ -57,3 +58,12 @@ def image_folder(root: Path, classes: int, per_class: int, size=(24, 20), ext: s
             cv2.circle(img, (size[1] // 2, size[0] // 2), 3 + k % 4, (255, 255, 255), -1)
             cv2.imwrite(str(folder / f"img{k:02d}{ext}"), img)
     return root
+
+
+def npy_train_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
+    """Trainer flags for 16x16 one-channel tiles of the arrays in ``root`` (an :func:`npy_dataset`)."""
+    return [
+        *["--data.kind", "npy", "--data.root", str(root), "--data.tile", "16", "16", "--arch.img-size", "16", "16"],
+        *["--arch.in-chans", "1", "--data.global-batch-size", "8", "--metrics.log-every", "1"],
+        *["--run.dir", str(run_dir), *extra],
+    ]

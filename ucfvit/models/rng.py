@@ -75,7 +75,7 @@ def philox4x32(counter: Sequence[_Word], key: Sequence[_Word], rounds: int = _RO
     """Philox4x32 on four 32-bit counter words and two 32-bit key words; returns four words.
 
     Words are Python ints or int64 tensors (broadcast against each other) holding values in
-    ``[0, 2**32)``. Matches the Random123 known-answer vectors (see tests/test_rng.py).
+    ``[0, 2**32)``. Matches the Random123 known-answer vectors (see tests/unit/test_rng.py).
     """
     return _philox(counter, key_schedule(key, rounds))
 

@@ -7,7 +7,7 @@ the value and the range. It runs first in ``validate_config``, so a value that w
 by zero, overflow, or trip an assertion deep inside FSDP is refused with a one-line message, before
 the model is built or the run directory is touched. A new numeric training option needs an entry in
 :data:`TRAINING_RANGES`; a new numeric model option declares its range next to its constructor
-(:mod:`ucfvit.models.ranges`). ``tests/test_validate.py`` fails while an option has no range.
+(:mod:`ucfvit.models.ranges`). ``tests/unit/test_validate.py`` fails while an option has no range.
 """
 
 from __future__ import annotations
