@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .init import KeyedInit
 from .layers import Attention
 
 __all__ = [
@@ -54,12 +55,14 @@ class VariablePatchEmbed(nn.Module):
         self.bias = nn.Parameter(torch.empty(num_vars, embed_dim))
         self.stride = patch_size
 
-    def reset_parameters(self) -> None:
-        # Each variable's kernel is initialised like a linear layer over its flattened patch.
+    def reset_parameters(self, init: KeyedInit | None = None) -> None:
+        """Each variable's kernel Xavier-uniform like a linear layer over its flattened patch, zero
+        biases; drawn from ``init`` (default: keyed by ``torch.initial_seed()`` and this module's names)."""
+        init = init or KeyedInit(self)
         fan_in = math.prod(self.weight.shape[2:])
         bound = math.sqrt(6.0 / (fan_in + self.weight.shape[1]))
-        nn.init.uniform_(self.weight, -bound, bound)
-        nn.init.zeros_(self.bias)
+        init.uniform_(self.weight, -bound, bound)
+        init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor, var_idx: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[:2]
@@ -93,8 +96,10 @@ class VariableAggregation(nn.Module):
         self.query = nn.Parameter(torch.empty(1, 1, dim))
         self.attn = Attention(dim, num_heads, backend=backend)
 
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.query, std=0.02)
+    def reset_parameters(self, init: KeyedInit | None = None) -> None:
+        """The query N(0, 0.02**2), drawn from ``init`` (default: keyed by ``torch.initial_seed()``
+        and this module's names; the attention's linears are the model's, see ``init_weights``)."""
+        (init or KeyedInit(self)).normal_(self.query, std=0.02)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         b, v, n, d = tokens.shape

@@ -27,6 +27,7 @@ from .embed import (
     rope_angles,
     sincos_embed,
 )
+from .init import KeyedInit
 from .layers import Attention, AttnBackend, Block
 from .patch_sequence import AdaptivePosEmbed, embed_sequence, is_sequence, token_layout, with_prefix
 from .patchify import check_patch_grid, to_ntuple
@@ -43,25 +44,18 @@ __all__ = ["POS_EMBEDS", "EncoderDecoder", "VisionTransformer", "dropout_scale",
 _NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed", "var_embed", "query")
 
 
-def _init_linear_like(weight: torch.Tensor, bias: torch.Tensor | None, fan_out: int | None = None) -> None:
+def _init_linear_like(
+    init: KeyedInit, weight: torch.Tensor, bias: torch.Tensor | None, fan_out: int | None = None
+) -> None:
     """Xavier-uniform over (out, prod(rest)), as the MAE reference initialises linears and the
     patch projection; ``fan_out`` overrides the output fan (q/k/v: that of the fused (3D, D) qkv).
     Computed from the global shape, so it is valid on sharded DTensors."""
     fan_in = math.prod(weight.shape[1:])
     fan_out = weight.shape[0] if fan_out is None else fan_out
     bound = math.sqrt(6.0 / (fan_in + fan_out))
-    nn.init.uniform_(weight, -bound, bound)
+    init.uniform_(weight, -bound, bound)
     if bias is not None:
-        nn.init.zeros_(bias)
-
-
-def _copy_full_(dst: torch.Tensor, value: torch.Tensor) -> None:
-    """``dst.copy_(value)`` for a plain tensor or a sharded DTensor parameter (after meta init +
-    parallelize). Duck-typed, so model code imports nothing from torch.distributed."""
-    if hasattr(dst, "device_mesh") and hasattr(dst, "placements"):
-        value = type(dst).from_local(value.to(dst.device), dst.device_mesh, run_check=False)  # replicated
-        value = value.redistribute(dst.device_mesh, dst.placements)
-    dst.copy_(value)
+        init.zeros_(bias)
 
 
 def dropout_scale(rng: RandomSource, shape: Sequence[int], rate: float, device: torch.device) -> torch.Tensor:
@@ -274,20 +268,23 @@ class VisionTransformer(nn.Module):
         else:
             setattr(self, name, None)
 
-    def _init_pos_embed(self, name: str) -> None:
+    def _init_pos_embed(self, init: KeyedInit, name: str) -> None:
         table = getattr(self, name)
         if self.pos_embed_kind == "learned":
-            nn.init.trunc_normal_(table, std=0.02)
+            init.trunc_normal_(table, std=0.02)
         elif table is not None:
-            _copy_full_(table, self._sincos_table(table.shape[-1]))
+            init.copy_(table, self._sincos_table(table.shape[-1]))
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re)initialise every parameter and buffer. Valid on the meta->``to_empty`` path and
-        on DTensor parameters (all fans come from global shapes).
+    def init_weights(self, seed: int | None = None) -> None:
+        """(Re)initialise every parameter and buffer, the same on any mesh: each random value is
+        keyed by (``seed``, the tensor's name, its global element index) (see
+        :mod:`ucfvit.models.init`); ``seed`` defaults to the one of the last ``torch.manual_seed``.
+        Valid on the meta->``to_empty`` path and on DTensor parameters (each rank computes its shard).
 
         Linears are Xavier-uniform as in the MAE reference; ``q``, ``k`` and ``v`` get the bound of
-        the reference's fused (3D, D) ``qkv`` weight."""
+        the reference's fused (3D, D) ``qkv`` weight. Other convolutions and norms get torch's defaults."""
+        init = KeyedInit(self, seed)
         qkv = {
             id(lin): 3 * lin.weight.shape[0]
             for m in self.modules()
@@ -296,20 +293,21 @@ class VisionTransformer(nn.Module):
         }
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                _init_linear_like(module.weight, module.bias, qkv.get(id(module)))
+                _init_linear_like(init, module.weight, module.bias, qkv.get(id(module)))
             elif isinstance(module, (nn.Conv2d, nn.Conv3d)) and module.kernel_size == module.stride:
-                _init_linear_like(module.weight, module.bias)  # patch projections
-            elif module is not self and hasattr(module, "reset_parameters"):
-                module.reset_parameters()  # norms, other convs, per-variable embeddings
-        self._init_parameters()
+                _init_linear_like(init, module.weight, module.bias)  # patch projections
+            elif module is not self:
+                init.reset_(module)  # norms, other convs, LayerScale, per-variable embeddings
+        self._init_parameters(init)
+        init.check_complete()
 
-    def _init_parameters(self) -> None:
+    def _init_parameters(self, init: KeyedInit) -> None:
         """Tokens, embeddings and buffers that no submodule owns; families extend this."""
         if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=0.02)
+            init.normal_(self.cls_token, std=0.02)
         if self.use_varemb or self.single_channel:
-            nn.init.normal_(self.var_embed, std=0.02)
-        self._init_pos_embed("pos_embed")
+            init.normal_(self.var_embed, std=0.02)
+        self._init_pos_embed(init, "pos_embed")
 
     # ------------------------------------------------------------------ embedding
     def variable_index(self, variables: Sequence[str] | None, num_channels: int) -> list[int]:
@@ -548,10 +546,10 @@ class EncoderDecoder(VisionTransformer):
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_embed_dim, out_dim)
 
-    def _init_parameters(self) -> None:
-        super()._init_parameters()
+    def _init_parameters(self, init: KeyedInit) -> None:
+        super()._init_parameters(init)
         if not self.linear_decoder:
-            self._init_pos_embed("decoder_pos_embed")
+            self._init_pos_embed(init, "decoder_pos_embed")
 
     def select_channels(self, pred: torch.Tensor, num_channels: int, variables: Sequence[str] | None) -> torch.Tensor:
         """With variable embeddings the decoder predicts every declared variable (B, N, p**ndim * V):

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .init import KeyedInit
+
 AttnBackend = Literal["sdpa", "xformers", "math"]
 ATTN_BACKENDS: tuple[str, ...] = typing.get_args(AttnBackend)
 
@@ -184,8 +186,8 @@ class LayerScale(nn.Module):
         self.init_values = init_values
         self.gamma = nn.Parameter(torch.empty(dim))
 
-    def reset_parameters(self) -> None:
-        nn.init.constant_(self.gamma, self.init_values)
+    def reset_parameters(self, init: KeyedInit | None = None) -> None:
+        (init or KeyedInit(self)).constant_(self.gamma, self.init_values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gamma

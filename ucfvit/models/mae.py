@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .encoder import EncoderDecoder
+from .init import KeyedInit
 from .patch_sequence import PatchSequence, decoder_positions, is_sequence, model_input, sequence_target, token_layout
 from .patchify import patchify, unpatchify
 from .ranges import FRACTION, Range
@@ -46,9 +47,9 @@ class MAE(EncoderDecoder):
         width = self.embed_dim if self.linear_decoder else self.decoder_embed.out_features
         self.mask_token = nn.Parameter(torch.empty(1, 1, width))
 
-    def _init_parameters(self) -> None:
-        super()._init_parameters()
-        nn.init.normal_(self.mask_token, std=0.02)
+    def _init_parameters(self, init: KeyedInit) -> None:
+        super()._init_parameters(init)
+        init.normal_(self.mask_token, std=0.02)
 
     def kept(self, num_tokens: int) -> int:
         """Tokens the encoder sees out of ``num_tokens``: ``max(1, int(N * (1 - mask_ratio)))`` (MAE reference rule)."""

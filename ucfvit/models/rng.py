@@ -17,17 +17,21 @@ easy as 1, 2, 3" (SC'11), the generator behind cuRAND and torch's CUDA RNG, writ
 tensor ops on 32-bit values (a 32x32-bit product is split into 16-bit halves so that no
 intermediate leaves int64 and no unsigned type is needed). It is a pure function of its
 counter and key, so it runs on CPU, CUDA and the meta device alike and stays inside a
-``torch.compile`` graph. The same function keys the synthetic data (:mod:`ucfvit.data.synthetic`).
+``torch.compile`` graph. The same function keys the synthetic data (:mod:`ucfvit.data.synthetic`)
+and the initial weights (:mod:`ucfvit.models.init`, through :func:`keyed_elements`).
 
 Layout of one draw: counter = (element block, sample, step, stream), key = seed (64 bits), where
 element block = flat index within the sample // 4 (each counter gives 4 words of 32 bits, one per
 element), sample = global sample index, stream = draw site (bit 31 set for data streams, see
 :data:`DATA_STREAM`). A uniform keeps the top 24 bits of its word (exact in float32); a normal
-pairs words (0, 1) and (2, 3) of a block through Box-Muller.
+pairs words (0, 1) and (2, 3) of a block through Box-Muller. Initial weights use counter =
+(element block of the whole tensor, name, :data:`PARAM_STREAM`), the name taking two words (see
+:func:`name_words`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -35,11 +39,15 @@ import torch
 
 __all__ = [
     "DATA_STREAM",
+    "MAX_KEYED_NUMEL",
+    "PARAM_STREAM",
     "RandomSource",
     "SampleRNG",
     "key_schedule",
+    "keyed_elements",
     "keyed_rand",
     "keyed_randn",
+    "name_words",
     "philox4x32",
     "rand",
     "randn",
@@ -51,6 +59,11 @@ _PHILOX_W = (0x9E3779B9, 0xBB67AE85)  # key schedule (golden ratio, sqrt(3) - 1)
 _ROUNDS = 10
 DATA_STREAM = 1 << 31
 """Streams at or above this value belong to data generators; model draw sites count up from 0."""
+PARAM_STREAM = _MASK32
+"""The stream of parameter initialisation (:func:`keyed_elements`): above every data stream."""
+MAX_KEYED_NUMEL = 1 << 34
+"""Largest tensor :func:`keyed_elements` draws for (its element blocks must fit in 32 bits)."""
+_NAME_KEY = (0x2B7E1516, 0x28AED2A6)  # fixed key of the name hash (any constant would do)
 
 _Word = int | torch.Tensor  # a 32-bit value: a Python int or an int64 tensor holding [0, 2**32)
 
@@ -144,6 +157,39 @@ def keyed_rand(seed: int, index: int, stream: int, shape: Sequence[int], device=
 def keyed_randn(seed: int, index: int, stream: int, shape: Sequence[int], device="cpu") -> torch.Tensor:
     """Standard normal noise, keyed like :func:`keyed_rand`."""
     return _draw(True, key_schedule(_key_words(seed)), index >> 32, stream, index & _MASK32, shape, device)
+
+
+@functools.lru_cache(maxsize=4096)  # a pure function of the name, asked once per chunk
+def name_words(name: str) -> tuple[int, int]:
+    """Two 32-bit words that identify ``name`` (a parameter's name): Philox with a fixed key as
+    the permutation of a sponge over the UTF-8 bytes, 8 bytes absorbed per call, the byte count
+    in the initial state. Stable across processes and Python versions (unlike ``hash``)."""
+    data = name.encode("utf-8")
+    state: tuple[_Word, ...] = (len(data) & _MASK32, 0, 0, 0)
+    data += bytes(-len(data) % 8)
+    for i in range(0, len(data), 8):
+        lo, hi = int.from_bytes(data[i : i + 4], "little"), int.from_bytes(data[i + 4 : i + 8], "little")
+        state = philox4x32((state[0] ^ lo, state[1] ^ hi, state[2], state[3]), _NAME_KEY)
+    return int(state[2]), int(state[3])
+
+
+def keyed_elements(seed: int, name: str, starts: torch.Tensor, length: int, normal: bool) -> torch.Tensor:
+    """(R, length) float32 noise for elements ``starts[r] .. starts[r] + length - 1`` (flat indices
+    into the whole tensor ``name``): uniform [0, 1) or standard normal.
+
+    Element ``f`` of tensor ``name`` takes word ``f % 4`` of counter (f // 4, name, PARAM_STREAM)
+    under key ``seed``, so its value depends on (seed, name, f) only: any set of rows, on any rank,
+    gets the values of the same elements of the whole tensor. The work and memory are proportional
+    to ``R * length`` (plus at most 6 words per row for the alignment of ``starts`` to 4). The
+    block index is one 32-bit word: tensors of up to :data:`MAX_KEYED_NUMEL` elements."""
+    blocks = (length + 6) // 4  # counters enough for any alignment of a row start
+    counters = (starts >> 2).unsqueeze(1) + torch.arange(blocks, dtype=torch.int64, device=starts.device)
+    n0, n1 = name_words(name)
+    words = _philox((counters, n0, n1, PARAM_STREAM), key_schedule(_key_words(seed)))
+    bits = torch.stack(torch.broadcast_tensors(*words), dim=-1).flatten(1)  # (R, 4 * blocks)
+    values = _normal(bits) if normal else _uniform(bits)
+    column = (starts & 3).unsqueeze(1) + torch.arange(length, dtype=torch.int64, device=starts.device)
+    return values.gather(1, column)
 
 
 class SampleRNG:

@@ -2,9 +2,11 @@
 
 ``mesh`` builds the mesh, ``plans`` holds tensor-parallel plans as data, ``parallelize`` applies
 TP -> activation checkpointing -> compile -> FSDP2 (each step also usable alone), ``samples`` says
-which samples and random stream a rank gets, ``clip`` clips DTensor gradients exactly, and
-``state_dict`` gathers a full state dict for export. ``comm_volume`` measures the bytes a step's
-collectives move per mesh dimension and ``cost_model`` turns them into time on a cluster.
+which samples and random stream a rank gets, ``shards`` which elements of a parameter it holds
+(registered with ``ucfvit.models.init``, so fresh weights are the same on any mesh), ``clip`` clips
+DTensor gradients exactly, and ``state_dict`` gathers a full state dict for export. ``comm_volume``
+measures the bytes a step's collectives move per mesh dimension and ``cost_model`` turns them into
+time on a cluster.
 """
 
 from .clip import clip_grad_norm_
@@ -24,6 +26,7 @@ from .parallelize import (
 )
 from .plans import ModelPlan, SequenceParallelBlock, plan_for, register_plan, vit_plan
 from .samples import data_parallel_info, local_batch_range, sample_rng
+from .shards import local_indices
 from .state_dict import full_state_dict
 
 __all__ = [
@@ -45,6 +48,7 @@ __all__ = [
     "dp_mesh_of",
     "full_state_dict",
     "local_batch_range",
+    "local_indices",
     "make_mesh",
     "mesh_device_type",
     "parallelize",
