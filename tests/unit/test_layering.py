@@ -81,6 +81,9 @@ def violations(source: str, module: str, is_package: bool, where: str) -> list[s
 def test_every_subpackage_has_a_layer_rule():
     subpackages = {f"ucfvit.{p.name}" for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
     assert subpackages <= set(FORBIDDEN), f"add a rule to FORBIDDEN for {sorted(subpackages - set(FORBIDDEN))}"
+    # nested packages (ucfvit.data.readers, ...) follow the rule of the layer they lie in
+    nested = {module_name(p) for p in PACKAGE.rglob("__init__.py")} - subpackages - {"ucfvit"}
+    assert nested and all(any(n.startswith(layer + ".") for layer in FORBIDDEN) for n in nested), nested
 
 
 def test_layers_import_one_way():
