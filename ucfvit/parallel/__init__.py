@@ -6,11 +6,14 @@ which samples and random stream a rank gets, ``shards`` which elements of a para
 (registered with ``ucfvit.models.init``, so fresh weights are the same on any mesh), ``clip`` clips
 DTensor gradients exactly, and ``state_dict`` gathers a full state dict for export. ``comm_volume``
 measures the bytes a step's collectives move per mesh dimension and ``cost_model`` turns them into
-time on a cluster.
+time on a cluster. ``comm_volume`` is imported on first use of its names: it needs
+``torch.distributed.tensor.debug``, whose import pulls in torch's compiler stack (about a second
+per process, which every rank of every run would otherwise pay).
 """
 
+from typing import Any
+
 from .clip import clip_grad_norm_
-from .comm_volume import Collective, CommVolume
 from .mesh import MESH_DIMS, MeshShape, make_mesh, mesh_device_type, parse_mesh
 from .parallelize import (
     AC_MODES,
@@ -59,3 +62,11 @@ __all__ = [
     "sample_rng",
     "vit_plan",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Collective", "CommVolume"):
+        from . import comm_volume
+
+        return getattr(comm_volume, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
