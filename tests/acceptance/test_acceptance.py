@@ -13,6 +13,8 @@ import pytest
 from .harness import REPO, Matrix, run_case, undo_immutable
 from .registry import CATEGORIES, build_cases
 
+pytestmark = pytest.mark.xdist_group("acceptance")  # its module fixture runs once, in one test process
+
 NPROC = 2
 
 # One fast case per category that still tries what the category is about.

@@ -33,7 +33,10 @@ from ucfvit.train.manifest import MANIFEST_FORMAT, verify_structure
 from ucfvit.train.trainer import train
 
 # The control loads a checkpoint without a process group, which DCP warns about.
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:torch.distributed is disabled"),
+    pytest.mark.xdist_group("checkpoint_trust"),
+]  # its module fixture runs once, in one test process
 
 ARGV = ["--model", "vit", "--arch.img-size", "16", "16", "--metrics.log-every", "1"]
 STEP2 = "checkpoints/step-00000002"

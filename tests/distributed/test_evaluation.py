@@ -15,6 +15,8 @@ from ucfvit.train.evaluate import EvaluateConfig, evaluate
 from ucfvit.train.hooks import Hooks, TensorBoardSink
 from ucfvit.train.trainer import train
 
+pytestmark = pytest.mark.xdist_group("evaluation")  # its module fixture runs once, in one test process
+
 # Six validation samples over two data-parallel ranks in batches of two: each rank's share (3)
 # ends inside its second batch, so the padding rows are exercised.
 EVAL = ["--eval.every", "2", "--eval.samples", "6", "--eval.batch-size", "2", "--eval.pictures", "2"]

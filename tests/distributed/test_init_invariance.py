@@ -22,6 +22,8 @@ from rank_runner import run_ranks
 from ucfvit.models import build_model
 from ucfvit.models.init import CHUNK
 
+pytestmark = pytest.mark.xdist_group("init_invariance")  # its module fixture runs once, in one test process
+
 MESHES = {1: ["1x1x1"], 2: ["2x1x1", "1x2x1", "1x1x2"], 8: ["2x2x2"]}
 
 

@@ -16,6 +16,8 @@ from rank_runner import run_ranks
 from ucfvit.models import build_model
 from ucfvit.train.throughput import train_flops_per_sample
 
+pytestmark = pytest.mark.xdist_group("bench_mfu")  # its module fixture runs once, in one test process
+
 FAST = ["--steps", "1", "--warmup", "1", "--backend", "aot_eager"]
 
 
