@@ -282,20 +282,18 @@ def huge_or_fifo(ctx: Ctx, which: str, kind: str) -> tuple[bool, str]:
     resumed from the newest checkpoint) without blocking; the checkpoints unchanged."""
     run, flags, _ = ctx.copy_template("vit1")
     path = run / "checkpoints" / "latest" if which == "latest" else run / ".lock"
+    before = {d.name: tree_digest(d) for d in ckpt_dirs(run)}  # not the 3 GiB file itself
     path.unlink(missing_ok=True)
     if kind == "fifo":
         os.mkfifo(path)
     else:
         path.write_bytes(b"")
         os.truncate(path, 3 * GIB)
-    before = tree_digest(run / "checkpoints")
     res = ctx.run({**flags, "--max-steps": "3", "--checkpoint.resume": "auto"}, timeout=120, env=site_env(ctx))
     if kind == "fifo" and res.rc == 0 and not res.traceback:
         return True, f"resumed, the FIFO not read: {last_line(res.out)}"
     problems = refusal_problems(res) + [f"does not name {t}" for t in names(res.out, str(path))]
-    if {k: v for k, v in tree_digest(run / "checkpoints").items() if k != "latest"} != {
-        k: v for k, v in before.items() if k != "latest"
-    }:
+    if {d.name: tree_digest(d) for d in ckpt_dirs(run)} != before:
         problems.append("checkpoints changed")
     return judge(problems, f"refused: {last_line(res.out)}")
 

@@ -56,7 +56,9 @@ from .manifest import (
     STEP_DIR,
     CheckpointError,
     file_entries,
+    hash_mismatch,
     read_json,
+    sha256,
     verify_hashes_collectively,
     verify_structure,
 )
@@ -104,8 +106,7 @@ def find_checkpoint(run_or_ckpt: Path) -> Path | None:
     regular file, or if ``latest`` or a ``step-N`` entry is a link. Needs no collective."""
     path = Path(run_or_ckpt)
     if STEP_DIR.fullmatch(path.name) and path.is_dir():  # named by the user: may live anywhere
-        verify_structure(path)
-        verify_step(path)
+        verify_step(path, verify_structure(path))
         return path
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if not root.is_dir():
@@ -134,8 +135,7 @@ def _inside(root: Path, ckpt: Path) -> Path:
     whose recorded step is the one its name says, and that it is structurally sound."""
     if ckpt.is_symlink():
         raise link_refusal(root, ckpt)
-    verify_structure(ckpt)
-    verify_step(ckpt)
+    verify_step(ckpt, verify_structure(ckpt))
     return ckpt
 
 
@@ -159,11 +159,14 @@ def recorded_step(ckpt: Path) -> object:
     return state.get("step") if isinstance(state, dict) else None
 
 
-def verify_step(ckpt: Path) -> int:
-    """The step of checkpoint ``ckpt``: the one recorded in its trainer state, which is the truth.
-    Raises :class:`CheckpointError` naming the directory and both numbers when the name says
+def verify_step(ckpt: Path, files: dict[str, dict]) -> int:
+    """The step of checkpoint ``ckpt`` (whose manifest lists ``files``, from :func:`verify_structure`):
+    the one recorded in its trainer state, which is the truth. Raises :class:`CheckpointError` if
+    that file does not match its sha256, or naming the directory and both numbers when the name says
     another step (a renamed or copied directory), or when the recorded step is not an integer >= 0."""
     ckpt = Path(ckpt)
+    if sha256(ckpt / STATE_FILE) != files[STATE_FILE]["sha256"]:
+        raise hash_mismatch(ckpt, STATE_FILE)
     named, recorded = int(STEP_DIR.fullmatch(ckpt.name).group(1)), recorded_step(ckpt)
     if type(recorded) is not int or recorded < 0:
         raise CheckpointError(

@@ -42,6 +42,7 @@ from .checkpoint import (
     refuse_outside,
     verify_step,
 )
+from .manifest import STATE_FILE, sha256, verify_structure
 
 __all__ = ["RunDirPlan", "RunLock", "inspect_run_dir", "job_id", "prepare_run_dir", "recheck_run_dir"]
 
@@ -354,13 +355,19 @@ def _check_links(run_dir: Path) -> None:
 
 
 def _check_name(step_dir: Path) -> None:
-    """Refuse a complete ``step-N`` directory that records another step (its damage, if any, is
-    reported when it is chosen: an older checkpoint's corruption does not stop a resume)."""
-    with contextlib.suppress(CheckpointError):
-        if not is_complete(step_dir) or recorded_step(step_dir) == checkpoint_step(step_dir):
+    """Refuse a sound ``step-N`` directory that records another step. A damaged one is reported
+    when it is chosen: an older checkpoint's corruption does not stop a resume from the newest."""
+    if not is_complete(step_dir):
+        return
+    try:
+        files = verify_structure(step_dir)
+        if sha256(step_dir / STATE_FILE) != files[STATE_FILE]["sha256"]:
             return
-    if is_complete(step_dir):
-        verify_step(step_dir)
+        if recorded_step(step_dir) == checkpoint_step(step_dir):
+            return
+    except CheckpointError:
+        return
+    verify_step(step_dir, files)
 
 
 def _snapshot(run_dir: Path) -> tuple:
