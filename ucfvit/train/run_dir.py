@@ -11,8 +11,14 @@ Layout::
 Every rank calls :func:`inspect_run_dir` before the first collective: it only reads, and raises a
 ``ValueError`` naming the option to change when the run must not start (a fresh run into a used
 directory, a directory held by a live job, files of the wrong type). :class:`RunLock` is then
-taken by every rank of the job (ranks agree on a job id from the launcher's environment), and
-after all ranks have decided, rank 0 carries the plan out with :func:`prepare_run_dir`.
+taken by every rank of the job (ranks agree on a job id from the launcher's environment), the
+directory is inspected again under it (:func:`recheck_run_dir`: another job may have written it
+meanwhile), and after all ranks have decided, rank 0 carries the plan out with
+:func:`prepare_run_dir`. Rank 0 re-reads the lock at every sync point (:meth:`RunLock.lost`): a
+run whose lock is gone or taken stops without writing.
+
+A run writes only inside its own directory: an entry it writes (:data:`WRITTEN`) that is a link
+leading out of it, and any link among its checkpoints, is refused before anything is written.
 """
 
 from __future__ import annotations

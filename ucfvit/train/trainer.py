@@ -1,9 +1,10 @@
 """The training loop behind ``recipes/train.py``.
 
 Order of a run: :func:`~ucfvit.train.plan.validate_config` resolves the run on every rank (no
-collective yet) -> the run directory is locked -> the mesh is built -> the model parallelized,
-materialised and initialised -> resumed -> trained. Every derived value (batch split, wrap,
-dtypes, input spec, adaptive-patch transform) is read from the :class:`~ucfvit.train.plan.RunPlan`.
+collective yet) -> the run directory is locked and inspected again (the plan that writes is made
+under the lock) -> the mesh is built -> the model parallelized, materialised and initialised ->
+resumed -> trained. Every derived value (batch split, wrap, dtypes, input spec, adaptive-patch
+transform) is read from the :class:`~ucfvit.train.plan.RunPlan`.
 Data and forward randomness are keyed by (seed, step, global sample index), so a run gives the
 same result on any mesh and after any resume.
 """
