@@ -273,8 +273,9 @@ class RunLock:
 
         def beat():
             while not self._stop.wait(HEARTBEAT_S):
-                with contextlib.suppress(OSError):
-                    os.utime(self.path)
+                if self.lost() is None:  # never keep another job's lock looking alive
+                    with contextlib.suppress(OSError):
+                        os.utime(self.path)
 
         self._thread = threading.Thread(target=beat, name="ucfvit-run-lock", daemon=True)
         self._thread.start()

@@ -175,15 +175,23 @@ def _train(plan: RunPlan, lock: RunLock, watchdog: Watchdog, hooks: list[Hooks])
     rank = dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if plan.device_type == "cuda" else torch.device("cpu")
     dist.barrier()  # every rank has inspected the run directory before rank 0 changes it
+    refusal = None
     if rank == 0:
         lock.start_heartbeat()
-        prepare_run_dir(plan.run, cfg.to_dict())
-        print(
-            f"ucfvit: {cfg.model}/{cfg.model_size} on mesh {cfg.mesh} ({plan.device_type}), {plan.run.describe()}",
-            flush=True,
-        )
-        _say(cfg.verbose, plan.describe_parallel(), json.dumps(cfg.to_dict(), indent=2))
-    dist.barrier()
+        try:
+            prepare_run_dir(plan.run, cfg.to_dict())
+        except ValueError as err:  # a link out of the run dir that appeared since the inspection
+            refusal = str(err)
+        else:
+            print(
+                f"ucfvit: {cfg.model}/{cfg.model_size} on mesh {cfg.mesh} ({plan.device_type}), {plan.run.describe()}",
+                flush=True,
+            )
+            _say(cfg.verbose, plan.describe_parallel(), json.dumps(cfg.to_dict(), indent=2))
+    box = [refusal]
+    dist.broadcast_object_list(box, src=0)  # also the barrier: rank 0 has prepared the directory
+    if box[0] is not None:
+        raise ConfigError(box[0])
     dp_rank, dp_size = data_parallel_info(mesh)
     watchdog.progress(None, "data index")
     data = prepare_data(cfg.data, plan.inputs, dp_size, cfg.run.seed, run_dir, rank)
