@@ -16,6 +16,7 @@ CATEGORIES = (
     "code_exec",  # pickle payloads planted in a checkpoint, also with any hash manifest recomputed
     "integrity",  # damaged, missing or foreign checkpoint files
     "run_dir",  # reusing, racing on and crashing in run directories
+    "ownership",  # links into other runs, directories changing under a job, step names, stale locks
     "divergence",  # non-finite losses
     "hang",  # a stopped rank
     "misc",  # wrong command lines and paths, incompatible resumes, preemption, a full disk

@@ -23,6 +23,7 @@ REPRESENTATIVE = {
     "code_exec": "metadata-auto-rehash-1rank",  # a pickle .metadata, its hash in any manifest recomputed
     "integrity": "flip-shard-middle-auto-1rank",
     "run_dir": "fresh-over-checkpoints",
+    "ownership": "linked-checkpoints-resume-auto",
     "divergence": "vit-lr1e6",
     "hang": "sigstop-last-rank-ddp",
     "misc": "config-pickle",

@@ -128,6 +128,38 @@ def test_second_concurrent_run_is_refused_and_a_dead_runs_lock_is_taken_over(tmp
     assert not (run / LOCK).exists()  # released at the end
 
 
+def taken_mid_run(run_dir: str, argv: list[str]) -> str:
+    """Train; after step 2 the run directory is deleted and another job starts there (its lock and
+    its first metrics line). Returns the error the run ends with."""
+    import shutil
+
+    from ucfvit.train.hooks import Hooks
+    from ucfvit.train.trainer import train as train_in_process
+
+    class TakeOver(Hooks):
+        def on_step_end(self, step, record):
+            if step == 2:
+                shutil.rmtree(run_dir)
+                os.makedirs(run_dir)
+                Path(run_dir, LOCK).write_text('{"job": "proc:elsewhere:1", "host": "elsewhere", "pid": 1}')
+                Path(run_dir, "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+
+    try:
+        train_in_process(train_runs.config("vit", [*TINY, "--run.dir", run_dir, *argv]), hooks=[TakeOver()])
+    except ValueError as err:
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
+def test_a_run_whose_directory_was_taken_over_stops_without_writing_there(tmp_path):
+    run = tmp_path / "run"
+    got = run_ranks(1, taken_mid_run, str(run), ["--max-steps", "4", "--checkpoint.every", "3"])[0]
+    assert got.startswith(f"ConfigError: --run.dir={run}: its .lock no longer names this job"), got
+    assert "stopped at step 3 without saving" in got and "\n" not in got
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "metrics.jsonl"]  # the other job's, untouched
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1, "loss": 0.5}\n'
+
+
 def test_stale_tmp_is_cleaned_and_wrong_file_types_are_refused_at_start(tmp_path):
     run = tmp_path / "run"
     train(run, ["--max-steps", "1"])

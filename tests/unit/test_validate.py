@@ -204,7 +204,7 @@ def fake_checkpoint(run_dir: Path, argv: list[str]) -> None:
     step = run_dir / "checkpoints" / "step-00000001"
     step.mkdir(parents=True)
     (step / ".metadata").write_bytes(b"")
-    (step / "trainer_state.json").write_text("{}")
+    (step / "trainer_state.json").write_text('{"step": 1}')
     (step / "optimizer.json").write_text('{"param_groups": []}')
     (step / "config.json").write_text(json.dumps(parse(argv).to_dict()))
     files = {

@@ -39,11 +39,14 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from ucfvit.files import read_bounded
+
 from .atomic import fsync_dir, write_atomic
 from .dcp_reader import SafeReader
 from .manifest import (
     CONFIG_FILE,
     LATEST,
+    LATEST_LIMIT,
     MANIFEST,
     MANIFEST_FORMAT,
     METADATA,
@@ -53,7 +56,9 @@ from .manifest import (
     STEP_DIR,
     CheckpointError,
     file_entries,
+    hash_mismatch,
     read_json,
+    sha256,
     verify_hashes_collectively,
     verify_structure,
 )
@@ -66,7 +71,11 @@ __all__ = [
     "encode_rng",
     "find_checkpoint",
     "is_complete",
+    "link_refusal",
     "read_checkpoint_config",
+    "recorded_step",
+    "refuse_outside",
+    "verify_step",
 ]
 
 
@@ -93,22 +102,26 @@ def _complete_checkpoints(root: Path) -> list[Path]:
 def find_checkpoint(run_or_ckpt: Path) -> Path | None:
     """The newest checkpoint under a run directory (or a ``step-N`` checkpoint itself), or None if
     there is none. Raises :class:`CheckpointError` if that checkpoint fails :func:`verify_structure`
-    (an older one is not silently used instead), or if ``latest`` or a ``step-N`` link leads out of
-    the checkpoints directory. Needs no collective."""
+    or :func:`verify_step` (an older one is not silently used instead), if ``latest`` is not a small
+    regular file, or if ``latest`` or a ``step-N`` entry is a link. Needs no collective."""
     path = Path(run_or_ckpt)
     if STEP_DIR.fullmatch(path.name) and path.is_dir():  # named by the user: may live anywhere
-        verify_structure(path)
+        verify_step(path, verify_structure(path))
         return path
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if not root.is_dir():
         return None
     latest = root / LATEST
-    if latest.is_file():
-        name = latest.read_bytes()[:256].decode("utf-8", "replace").strip()  # a short name, whatever the file holds
+    if os.path.lexists(latest):
+        fix = f"remove {latest} to use the newest step-N, or pass the checkpoint with --checkpoint.resume PATH"
+        try:
+            raw = read_bounded(latest, LATEST_LIMIT, "the pointer to the newest checkpoint", CheckpointError)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}; {fix}") from None
+        name = raw.decode("utf-8", "replace").strip()
         if STEP_DIR.fullmatch(name) is None:
             raise CheckpointError(
-                f"{latest} names {name[:40]!r}, not a step-N directory beside it: refusing to follow it "
-                f"(pass the checkpoint with --checkpoint.resume PATH, or remove {latest} to use the newest step-N)"
+                f"{latest} names {name[:40]!r}, not a step-N directory beside it: refusing to follow it ({fix})"
             )
         if os.path.lexists(root / name):
             return _inside(root, root / name)
@@ -118,15 +131,66 @@ def find_checkpoint(run_or_ckpt: Path) -> Path | None:
 
 
 def _inside(root: Path, ckpt: Path) -> Path:
-    """``ckpt`` (found under ``root``), after checking it stays there and is structurally sound."""
-    real = ckpt.resolve()
-    if real.parent != root.resolve():
-        raise CheckpointError(
-            f"{ckpt} leads to {real}, outside {root}: refusing to follow it "
+    """``ckpt`` (found under ``root``), after checking it is a directory there (not a link to one)
+    whose recorded step is the one its name says, and that it is structurally sound."""
+    if ckpt.is_symlink():
+        raise link_refusal(root, ckpt)
+    verify_step(ckpt, verify_structure(ckpt))
+    return ckpt
+
+
+def link_refusal(root: Path, entry: Path) -> CheckpointError:
+    """The refusal of ``entry``, a link among the checkpoints in ``root`` (``step-N`` or ``latest``)."""
+    real = entry.resolve()
+    if real.parent != Path(root).resolve():
+        return CheckpointError(
+            f"{entry} leads to {real}, outside {root}: refusing to follow it "
             "(pass that checkpoint explicitly with --checkpoint.resume PATH if you trust it)"
         )
-    verify_structure(ckpt)
-    return ckpt
+    return CheckpointError(
+        f"{entry} is a link to {real}: refusing to follow it (the step-N entry of a run is that step's "
+        "checkpoint itself, and latest is a file); replace the link with what it points to, or remove it"
+    )
+
+
+def recorded_step(ckpt: Path) -> object:
+    """The ``step`` recorded in ``ckpt``'s trainer state, whatever its type (None if absent)."""
+    state = read_json(Path(ckpt) / STATE_FILE)
+    return state.get("step") if isinstance(state, dict) else None
+
+
+def verify_step(ckpt: Path, files: dict[str, dict]) -> int:
+    """The step of checkpoint ``ckpt`` (whose manifest lists ``files``, from :func:`verify_structure`):
+    the one recorded in its trainer state, which is the truth. Raises :class:`CheckpointError` if
+    that file does not match its sha256, or naming the directory and both numbers when the name says
+    another step (a renamed or copied directory), or when the recorded step is not an integer >= 0."""
+    ckpt = Path(ckpt)
+    if sha256(ckpt / STATE_FILE) != files[STATE_FILE]["sha256"]:
+        raise hash_mismatch(ckpt, STATE_FILE)
+    named, recorded = int(STEP_DIR.fullmatch(ckpt.name).group(1)), recorded_step(ckpt)
+    if type(recorded) is not int or recorded < 0:
+        raise CheckpointError(
+            f"checkpoint {ckpt} records step {recorded!r} in its {STATE_FILE}, not a step number (an integer "
+            f">= 0): refusing to resume from it; pass another checkpoint with --checkpoint.resume PATH"
+        )
+    if recorded != named:
+        raise CheckpointError(
+            f"checkpoint {ckpt} is named step {named} but records step {recorded} in its {STATE_FILE} (renamed "
+            f"or copied by hand?): refusing to resume from it; rename it to step-{recorded:08d} if that is "
+            "where it belongs, or move it out of the checkpoints directory"
+        )
+    return recorded
+
+
+def refuse_outside(run_dir: Path, path: Path, error: type[Exception] = CheckpointError) -> None:
+    """Raise ``error`` if ``path``, an entry a run writes under ``run_dir``, is (or lies under) a link
+    leading out of ``run_dir``: a run writes only inside its own directory, never into another run's."""
+    real_run, real = Path(run_dir).resolve(), Path(path).resolve()
+    if not real.is_relative_to(real_run):
+        raise error(
+            f"{path} leads to {real}, outside the run directory {real_run}: a run writes only inside its own "
+            "directory; replace the link with a directory or file of its own, or choose another --run.dir"
+        )
 
 
 def checkpoint_step(path: Path) -> int:
@@ -200,7 +264,8 @@ class Checkpointer:
     """Saves and loads model + optimizer (DCP) and the trainer's JSON state in ``run_dir/checkpoints``."""
 
     def __init__(self, run_dir: Path, keep: int):
-        self.root = Path(run_dir) / "checkpoints"
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / "checkpoints"
         self.keep = max(1, keep)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.last_saved: Path | None = None  # the newest checkpoint this run wrote or resumed from
@@ -210,16 +275,20 @@ class Checkpointer:
         """Run ``action`` on rank 0 and tell every rank how it went (this is also the barrier): a
         failed write (a full disk, a quota) raises the same :class:`CheckpointError` on every rank
         instead of leaving the others waiting for rank 0."""
-        error = None
+        error, refusal = None, None
         if self.rank == 0:
             try:
                 action()
+            except CheckpointError as err:  # a refusal (a link leading out of the run dir): said as it is
+                refusal = str(err)
             except OSError as err:
                 error = f"rank 0, {what}: {err}"
         if dist.is_initialized():
-            box = [error]
+            box = [error, refusal]
             dist.broadcast_object_list(box, src=0)
-            error = box[0]
+            error, refusal = box
+        if refusal is not None:
+            raise CheckpointError(refusal)
         if error is not None:
             raise self._save_failed(step_dir, error)
 
@@ -235,10 +304,16 @@ class Checkpointer:
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, config: dict) -> Path:
         """Collective: every rank must call it at the same step. A failed write raises
         :class:`CheckpointError` on every rank and leaves the previous checkpoint as it was."""
+        if type(step) is not int or step < 0:
+            raise CheckpointError(f"refusing to save a checkpoint at step {step!r}: a step is an integer >= 0")
         final = self.root / f"step-{step:08d}"
         tmp, aside = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
 
         def make_tmp() -> None:
+            for path in (self.root, tmp, final, self.root / LATEST):  # never write through another run's link
+                refuse_outside(self.run_dir, path)
+            if final.is_symlink():
+                raise CheckpointError(f"{final} is a link to {final.resolve()}: refusing to save over it")
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
             tmp.mkdir()
@@ -289,8 +364,12 @@ class Checkpointer:
         return final
 
     def _prune(self) -> None:
-        """Keep the newest ``keep`` checkpoints, and the one this run resumed from."""
+        """Keep the newest ``keep`` checkpoints, and the one this run resumed from; never delete
+        through a link (into another run's checkpoints)."""
+        refuse_outside(self.run_dir, self.root)
         for old in _complete_checkpoints(self.root)[: -self.keep]:
+            if old.is_symlink():
+                continue
             if self.resumed_from is None or old.resolve() != self.resumed_from.resolve():
                 shutil.rmtree(old, ignore_errors=True)
 

@@ -18,9 +18,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ucfvit.files import KIB, MIB, read_bounded
+
 __all__ = [
     "CONFIG_FILE",
+    "JSON_LIMIT",
     "LATEST",
+    "LATEST_LIMIT",
     "MANIFEST",
     "MANIFEST_FORMAT",
     "METADATA",
@@ -45,6 +49,8 @@ MANIFEST_FORMAT = "ucfvit-checkpoint/1"
 STEP_DIR = re.compile(r"step-([0-9]+)")
 SHARD = re.compile(r"__[0-9]{1,9}_[0-9]{1,9}\.distcp")
 REQUIRED = (METADATA, CONFIG_FILE, STATE_FILE, OPTIM_FILE)
+# The most a JSON file of a checkpoint (its manifest lists every shard) and ``latest`` can need.
+JSON_LIMIT, LATEST_LIMIT = 64 * MIB, 4 * KIB
 
 
 class CheckpointError(ValueError):
@@ -56,9 +62,11 @@ def is_safe_name(name: str) -> bool:
 
 
 def read_json(path: Path) -> Any:
-    """The only way ucfvit reads a file of a checkpoint that is not a tensor shard or .metadata."""
+    """The only way ucfvit reads a file of a checkpoint that is not a tensor shard or .metadata: a
+    regular file of at most :data:`JSON_LIMIT` bytes, refused otherwise (never read whole)."""
+    data = read_bounded(path, JSON_LIMIT, "a checkpoint's JSON file", CheckpointError)
     try:
-        return json.loads(Path(path).read_bytes())
+        return json.loads(data)
     except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CheckpointError(f"{path} is not valid JSON ({str(err)[:200]}): refusing to load the checkpoint") from None
 

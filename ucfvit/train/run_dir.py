@@ -11,8 +11,14 @@ Layout::
 Every rank calls :func:`inspect_run_dir` before the first collective: it only reads, and raises a
 ``ValueError`` naming the option to change when the run must not start (a fresh run into a used
 directory, a directory held by a live job, files of the wrong type). :class:`RunLock` is then
-taken by every rank of the job (ranks agree on a job id from the launcher's environment), and
-after all ranks have decided, rank 0 carries the plan out with :func:`prepare_run_dir`.
+taken by every rank of the job (ranks agree on a job id from the launcher's environment), the
+directory is inspected again under it (:func:`recheck_run_dir`: another job may have written it
+meanwhile), and after all ranks have decided, rank 0 carries the plan out with
+:func:`prepare_run_dir`. Rank 0 re-reads the lock at every sync point (:meth:`RunLock.lost`): a
+run whose lock is gone or taken stops without writing.
+
+A run writes only inside its own directory: an entry it writes (:data:`WRITTEN`) that is a link
+leading out of it, and any link among its checkpoints, is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -29,14 +35,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .atomic import write_atomic
-from .checkpoint import checkpoint_step, find_checkpoint
+from ucfvit.files import KIB, read_bounded
 
-__all__ = ["RunDirPlan", "RunLock", "inspect_run_dir", "prepare_run_dir", "job_id"]
+from .atomic import write_atomic
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_step,
+    find_checkpoint,
+    is_complete,
+    link_refusal,
+    recorded_step,
+    refuse_outside,
+    verify_step,
+)
+from .manifest import STATE_FILE, sha256, verify_structure
+
+__all__ = ["RunDirPlan", "RunLock", "inspect_run_dir", "job_id", "prepare_run_dir", "recheck_run_dir"]
 
 LOCK, METRICS, CONFIG, ABANDONED = ".lock", "metrics.jsonl", "config.json", "abandoned"
 # A lock whose holder cannot be checked by pid (another host) is stale when its heartbeat is older.
 HEARTBEAT_S, STALE_AFTER_S = 30.0, 300.0
+LOCK_LIMIT = 4 * KIB  # a lock record is ~300 bytes
+# What a run writes directly under its directory: none of these may be a link leading out of it.
+WRITTEN = (
+    LOCK,
+    METRICS,
+    CONFIG,
+    ABANDONED,
+    "checkpoints",
+    "data",
+    "model.safetensors",
+    "model_config.json",
+    "init_report.txt",
+    "pictures",
+    "curves.png",
+    "tensorboard",
+)
 _STEP_ENTRY = re.compile(r"^step-(\d+)(\.tmp)?$")
 
 
@@ -70,6 +104,21 @@ def _alive(pid: int) -> bool:
     return not Path("/proc").is_dir()
 
 
+def _start_time(pid: int) -> str | None:
+    """When process ``pid`` started (field 22 of /proc/PID/stat, in clock ticks since boot), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
 @dataclass
 class _Holder:
     job: str
@@ -78,25 +127,56 @@ class _Holder:
     age_s: float
     slurm_job: str | None = None
     slurm_restart: int = 0
+    start: str | None = None  # the holder's process start time and the host's boot id, when recorded
+    boot: str | None = None
 
-    def is_stale(self) -> bool:
+    def verdict(self) -> tuple[bool, str]:
+        """(stale, why): whether the job holding the lock is gone, and what that belief rests on."""
         if self.job == job_id():
-            return False
+            return False, "it is this job"
         mine = os.environ.get("SLURM_JOB_ID")
         if mine is not None and self.slurm_job == mine and self.slurm_restart < _slurm_restart():
-            return True  # an earlier incarnation of this requeued SLURM job: it is gone
+            return True, f"it is an earlier run of this requeued SLURM job {mine}"
         if self.host == socket.gethostname():
-            return not _alive(self.pid)
-        return self.age_s > STALE_AFTER_S
+            if self.boot is not None and _boot_id() not in (None, self.boot):
+                return True, "this host has rebooted since it was written"
+            if not _alive(self.pid):
+                return True, f"process {self.pid} no longer runs on this host"
+            if self.start is not None and _start_time(self.pid) not in (None, self.start):
+                return True, f"pid {self.pid} now belongs to another process (it started at another time)"
+            return False, f"process {self.pid} runs on this host"
+        if self.age_s < -STALE_AFTER_S:
+            return True, f"its heartbeat is dated {-self.age_s:.0f} s in the future (a wrong clock or a copied file)"
+        if self.age_s > STALE_AFTER_S:
+            return True, f"it has had no heartbeat for {self.age_s:.0f} s"
+        return False, (
+            f"its heartbeat is {max(self.age_s, 0):.0f} s old, and a job on another host counts as gone only "
+            f"after {STALE_AFTER_S:.0f} s"
+        )
+
+    def is_stale(self) -> bool:
+        return self.verdict()[0]
 
     def __str__(self) -> str:
-        return f"job {self.job} (pid {self.pid} on {self.host}, last heartbeat {self.age_s:.0f} s ago)"
+        beat = f"{self.age_s:.0f} s ago" if self.age_s >= 0 else f"dated {-self.age_s:.0f} s in the future"
+        return f"job {self.job} (pid {self.pid} on {self.host}, last heartbeat {beat})"
 
 
 def _read_lock(path: Path) -> _Holder | None:
+    """The holder recorded in the lock file ``path`` (None if there is none). The file is read within
+    :data:`LOCK_LIMIT` bytes: a FIFO or a huge file raises a ``ValueError`` naming it."""
+    if not os.path.lexists(path):
+        return None
     try:
-        record = json.loads(path.read_text())
+        raw = read_bounded(path, LOCK_LIMIT, "the run lock")
         age = time.time() - path.stat().st_mtime
+    except (ValueError, OSError) as err:
+        if not os.path.lexists(path):
+            return None  # released meanwhile
+        raise ValueError(f"{err}; if no job runs in {path.parent}, delete {path}") from None
+    try:
+        record = json.loads(raw)
+        optional = {k: None if record.get(k) is None else str(record[k]) for k in ("start", "boot")}
         return _Holder(
             str(record["job"]),
             str(record["host"]),
@@ -104,16 +184,23 @@ def _read_lock(path: Path) -> _Holder | None:
             age,
             record.get("slurm_job"),
             int(record.get("slurm_restart", 0)),
+            **optional,
         )
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError):
-        return _Holder("unreadable", "?", -1, time.time() - path.stat().st_mtime)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return _Holder("unreadable", "?", -1, age)
+
+
+def _in_use(run_dir: Path, holder: _Holder, why: str) -> ValueError:
+    return ValueError(
+        f"--run.dir={run_dir} is in use by {holder}, believed live because {why}: wait for it to finish; "
+        f"if that job is gone, delete {Path(run_dir) / LOCK}; or choose another --run.dir"
+    )
 
 
 class RunLock:
     """``<run.dir>/.lock``: refuses a second job on one run directory; a lock left by a dead job
-    (its pid gone on this host, or no heartbeat for ``STALE_AFTER_S`` from another host) is taken over."""
+    (its pid gone or reused on this host, or no heartbeat for ``STALE_AFTER_S`` from another host, or
+    a heartbeat that far in the future) is taken over."""
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK
@@ -124,10 +211,10 @@ class RunLock:
     def check(run_dir: Path) -> None:
         """Raise if a live job other than this one holds ``run_dir`` (read-only)."""
         holder = _read_lock(Path(run_dir) / LOCK)
-        if holder is not None and holder.job != job_id() and not holder.is_stale():
-            raise ValueError(
-                f"--run.dir={run_dir} is in use by {holder}: wait for it to finish, or choose another --run.dir"
-            )
+        if holder is not None:
+            stale, why = holder.verdict()
+            if holder.job != job_id() and not stale:
+                raise _in_use(run_dir, holder, why)
 
     def acquire(self) -> RunLock:
         """Take the lock (every rank of the job may call this; they agree on :func:`job_id`)."""
@@ -139,6 +226,8 @@ class RunLock:
                 "pid": os.getpid(),
                 "slurm_job": os.environ.get("SLURM_JOB_ID"),
                 "slurm_restart": _slurm_restart(),
+                "start": _start_time(os.getpid()),
+                "boot": _boot_id(),
             }
         )
         for _ in range(5):
@@ -153,11 +242,11 @@ class RunLock:
                     continue  # released meanwhile: try again
                 if holder.job == job_id():
                     return self  # a sibling rank of this job took it
-                if not holder.is_stale():
-                    raise ValueError(
-                        f"--run.dir={self.path.parent} is in use by {holder}: wait for it to finish, "
-                        "or choose another --run.dir"
-                    ) from None
+                stale, why = holder.verdict()
+                if not stale:
+                    raise _in_use(self.path.parent, holder, why) from None
+                if int(os.environ.get("RANK", "0")) == 0:
+                    print(f"{self.path}: taking over the stale lock of {holder}: {why}", flush=True)
                 # Stale: exactly one contender renames it away; everyone then retries the link.
                 with contextlib.suppress(FileNotFoundError):
                     os.rename(self.path, tmp.with_name(tmp.name + ".stale"))
@@ -166,13 +255,27 @@ class RunLock:
                 tmp.unlink(missing_ok=True)
         raise ValueError(f"--run.dir={self.path.parent}: could not take {self.path} (contended); try again")
 
+    def lost(self) -> str | None:
+        """Why this job no longer holds its lock (the file is gone: the run directory was deleted; or
+        it names another job), or None while it does. Cheap: one small read (rank 0, at sync points)."""
+        try:
+            holder = _read_lock(self.path)
+        except ValueError as err:
+            return str(err)
+        if holder is None:
+            return f"{self.path} is gone"
+        if holder.job != job_id():
+            return f"{self.path} now names {holder}"
+        return None
+
     def start_heartbeat(self) -> None:
         """Touch the lock every ``HEARTBEAT_S`` so other hosts can tell this job is alive (rank 0)."""
 
         def beat():
             while not self._stop.wait(HEARTBEAT_S):
-                with contextlib.suppress(OSError):
-                    os.utime(self.path)
+                if self.lost() is None:  # never keep another job's lock looking alive
+                    with contextlib.suppress(OSError):
+                        os.utime(self.path)
 
         self._thread = threading.Thread(target=beat, name="ucfvit-run-lock", daemon=True)
         self._thread.start()
@@ -180,9 +283,10 @@ class RunLock:
     def release(self) -> None:
         """Stop the heartbeat and remove the lock if this job holds it."""
         self._stop.set()
-        holder = _read_lock(self.path)
-        if holder is not None and holder.job == job_id():
-            self.path.unlink(missing_ok=True)
+        with contextlib.suppress(ValueError):
+            holder = _read_lock(self.path)
+            if holder is not None and holder.job == job_id():
+                self.path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -195,6 +299,7 @@ class RunDirPlan:
     resume_step: int = 0
     move_aside: list[Path] = field(default_factory=list)
     stale_tmp: list[Path] = field(default_factory=list)
+    seen: tuple = ()  # what the directory held when inspected (see :func:`recheck_run_dir`)
 
     def describe(self) -> str:
         where = f"run dir {self.path}"
@@ -243,16 +348,78 @@ def _check_types(run_dir: Path) -> None:
             raise ValueError(f"{path} exists and is not {kind}: move it away or choose another --run.dir")
 
 
+def _check_links(run_dir: Path) -> None:
+    """Refuse, before anything is written, an entry the run writes that is a link leading out of
+    ``run_dir`` (into another run: writing or pruning there would destroy it), and any link among
+    the checkpoints (a ``step-N`` link aliases another step; ``latest`` must be a file)."""
+    for name in WRITTEN:
+        refuse_outside(run_dir, run_dir / name, ValueError)
+    ckpt_root = run_dir / "checkpoints"
+    if ckpt_root.is_dir():
+        for entry in sorted(ckpt_root.iterdir()):
+            if entry.is_symlink() and (_STEP_ENTRY.match(entry.name) or entry.name == "latest"):
+                raise link_refusal(ckpt_root, entry)
+
+
+def _check_name(step_dir: Path) -> None:
+    """Refuse a sound ``step-N`` directory that records another step. A damaged one is reported
+    when it is chosen: an older checkpoint's corruption does not stop a resume from the newest."""
+    if not is_complete(step_dir):
+        return
+    try:
+        files = verify_structure(step_dir)
+        if sha256(step_dir / STATE_FILE) != files[STATE_FILE]["sha256"]:
+            return
+        if recorded_step(step_dir) == checkpoint_step(step_dir):
+            return
+    except CheckpointError:
+        return
+    verify_step(step_dir, files)
+
+
+def _snapshot(run_dir: Path) -> tuple:
+    """What decides a plan: the checkpoint entries, and the metrics and config files' sizes and times."""
+
+    def stamp(path: Path) -> tuple | None:
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            return st.st_size, st.st_mtime_ns
+        return None
+
+    ckpt_root = run_dir / "checkpoints"
+    names = sorted(os.listdir(ckpt_root)) if ckpt_root.is_dir() else []
+    return tuple(names), stamp(ckpt_root / "latest"), stamp(run_dir / METRICS), stamp(run_dir / CONFIG)
+
+
+def recheck_run_dir(plan: RunDirPlan, resume: str, overwrite: bool) -> RunDirPlan:
+    """Inspect the directory again, now that this job holds its lock, and return that plan: the
+    first inspection may be minutes old (a slow ``--init.from``), and another job may have written
+    the directory meanwhile. Raise a ``ValueError`` if it did: the plan that would act on it was
+    made for a directory that is no longer there."""
+    now = inspect_run_dir(plan.path, resume, overwrite)
+    if now.seen != plan.seen:
+        raise ValueError(
+            f"--run.dir={plan.path} changed while this job was starting (another job wrote it after this one "
+            f"had planned: {plan.describe()}); nothing was written: run the command again to plan afresh, "
+            "or choose another --run.dir"
+        )
+    return now
+
+
 def inspect_run_dir(run_dir: Path, resume: str, overwrite: bool) -> RunDirPlan:
     """Decide (read-only) what this run does with ``run_dir`` given ``--checkpoint.resume`` and
     ``--run.overwrite``; raise a ``ValueError`` naming the option to change if it must not start."""
     run_dir = Path(run_dir).resolve()
     _check_types(run_dir)
+    _check_links(run_dir)
     RunLock.check(run_dir)
+    seen = _snapshot(run_dir)
     ckpt_root = run_dir / "checkpoints"
     entries = _step_entries(ckpt_root)
     stale = [p for p in entries if p.name.endswith(".tmp")]
     steps = [p for p in entries if not p.name.endswith(".tmp")]
+    for step_dir in steps:  # the step recorded inside is the truth: a renamed copy would misorder them
+        _check_name(step_dir)
     logged = _metric_steps(run_dir / METRICS)
     used = bool(steps) or (run_dir / METRICS).is_file() and (run_dir / METRICS).stat().st_size > 0
     if overwrite and resume == "auto":
@@ -278,7 +445,7 @@ def inspect_run_dir(run_dir: Path, resume: str, overwrite: bool) -> RunDirPlan:
                 f"--run.overwrite would delete the checkpoint {ckpt} this run resumes from; "
                 "choose another --run.dir or drop --run.overwrite"
             )
-        return RunDirPlan(run_dir, ckpt, "overwrite", checkpoint_step(ckpt) if ckpt else 0, [], stale)
+        return RunDirPlan(run_dir, ckpt, "overwrite", checkpoint_step(ckpt) if ckpt else 0, [], stale, seen)
     if used and not inside and resume != "auto":
         last = f"checkpoints up to step {checkpoint_step(steps[-1])}" if steps else "no checkpoint"
         logged_text = f", metrics up to step {max(logged)}" if logged else ""
@@ -289,10 +456,10 @@ def inspect_run_dir(run_dir: Path, resume: str, overwrite: bool) -> RunDirPlan:
             "--run.overwrite"
         )
     if ckpt is None:
-        return RunDirPlan(run_dir, None, "fresh", 0, [], stale)
+        return RunDirPlan(run_dir, None, "fresh", 0, [], stale, seen)
     step = checkpoint_step(ckpt)
     later = [p for p in steps if checkpoint_step(p) > step] if inside else []
-    return RunDirPlan(run_dir, ckpt, "branch" if later else "continue", step, later, stale)
+    return RunDirPlan(run_dir, ckpt, "branch" if later else "continue", step, later, stale, seen)
 
 
 def prepare_run_dir(plan: RunDirPlan, config: dict) -> None:
@@ -301,6 +468,7 @@ def prepare_run_dir(plan: RunDirPlan, config: dict) -> None:
     resumed step (dropped lines move aside too), and write ``config.json``."""
     run_dir, ckpt_root = plan.path, plan.path / "checkpoints"
     run_dir.mkdir(parents=True, exist_ok=True)
+    _check_links(run_dir)  # checked at inspection; refused here too, should one have appeared since
     for tmp in plan.stale_tmp:
         shutil.rmtree(tmp, ignore_errors=True)
     if plan.action == "overwrite":

@@ -1,9 +1,10 @@
 """The training loop behind ``recipes/train.py``.
 
 Order of a run: :func:`~ucfvit.train.plan.validate_config` resolves the run on every rank (no
-collective yet) -> the run directory is locked -> the mesh is built -> the model parallelized,
-materialised and initialised -> resumed -> trained. Every derived value (batch split, wrap,
-dtypes, input spec, adaptive-patch transform) is read from the :class:`~ucfvit.train.plan.RunPlan`.
+collective yet) -> the run directory is locked and inspected again (the plan that writes is made
+under the lock) -> the mesh is built -> the model parallelized, materialised and initialised ->
+resumed -> trained. Every derived value (batch split, wrap, dtypes, input spec, adaptive-patch
+transform) is read from the :class:`~ucfvit.train.plan.RunPlan`.
 Data and forward randomness are keyed by (seed, step, global sample index), so a run gives the
 same result on any mesh and after any resume.
 """
@@ -41,7 +42,7 @@ from .hooks import Hooks, make_sinks
 from .init_from import load_into
 from .optim import build_optimizer, lr_at, set_lr
 from .plan import RunPlan, validate_config
-from .run_dir import RunLock, prepare_run_dir
+from .run_dir import RunLock, prepare_run_dir, recheck_run_dir
 from .throughput import Throughput, append_jsonl, format_metrics, format_progress, peak_flops, train_flops_per_sample
 from .validation import Validator
 from .watchdog import Watchdog
@@ -76,6 +77,10 @@ def train(cfg: Config, hooks: Sequence[Hooks] = ()) -> TrainResult:
         except ValueError as err:
             raise ConfigError(str(err)) from err
         try:
+            try:  # the plan that writes is made under the lock: the directory may have changed since
+                plan.run = recheck_run_dir(plan.run, plan.cfg.checkpoint.resume, plan.cfg.run.overwrite)
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
             with Watchdog(plan.cfg.run.collective_timeout) as watchdog:  # ends a rank that stops making progress
                 return _train(plan, lock, watchdog, list(hooks))
         finally:
@@ -170,15 +175,23 @@ def _train(plan: RunPlan, lock: RunLock, watchdog: Watchdog, hooks: list[Hooks])
     rank = dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if plan.device_type == "cuda" else torch.device("cpu")
     dist.barrier()  # every rank has inspected the run directory before rank 0 changes it
+    refusal = None
     if rank == 0:
         lock.start_heartbeat()
-        prepare_run_dir(plan.run, cfg.to_dict())
-        print(
-            f"ucfvit: {cfg.model}/{cfg.model_size} on mesh {cfg.mesh} ({plan.device_type}), {plan.run.describe()}",
-            flush=True,
-        )
-        _say(cfg.verbose, plan.describe_parallel(), json.dumps(cfg.to_dict(), indent=2))
-    dist.barrier()
+        try:
+            prepare_run_dir(plan.run, cfg.to_dict())
+        except ValueError as err:  # a link out of the run dir that appeared since the inspection
+            refusal = str(err)
+        else:
+            print(
+                f"ucfvit: {cfg.model}/{cfg.model_size} on mesh {cfg.mesh} ({plan.device_type}), {plan.run.describe()}",
+                flush=True,
+            )
+            _say(cfg.verbose, plan.describe_parallel(), json.dumps(cfg.to_dict(), indent=2))
+    box = [refusal]
+    dist.broadcast_object_list(box, src=0)  # also the barrier: rank 0 has prepared the directory
+    if box[0] is not None:
+        raise ConfigError(box[0])
     dp_rank, dp_size = data_parallel_info(mesh)
     watchdog.progress(None, "data index")
     data = prepare_data(cfg.data, plan.inputs, dp_size, cfg.run.seed, run_dir, rank)
@@ -281,10 +294,19 @@ def _train(plan: RunPlan, lock: RunLock, watchdog: Watchdog, hooks: list[Hooks])
             if not (log_now or ckpt_now or eval_now or done % SYNC_EVERY == 0):
                 continue  # no host sync on this step
             # One all-reduce carries the loss (mean over ranks = mean over data-parallel ranks),
-            # the stop flag (any rank asked to stop) and the non-finite steps since the last sync.
+            # the stop flag (any rank asked to stop), the non-finite steps since the last sync, and
+            # whether rank 0 found the run's lock gone or taken (nothing is written after that).
             stop_flag = torch.tensor(float(stop.requested), device=device)
-            stats = torch.stack([loss_sum.float(), stop_flag, guard.nonfinite])
+            lock_lost = torch.tensor(float(rank == 0 and lock.lost() is not None), device=device)
+            stats = torch.stack([loss_sum.float(), stop_flag, guard.nonfinite, lock_lost])
             dist.all_reduce(stats)
+            if stats[3].item() > 0:
+                raise ConfigError(
+                    f"--run.dir={run_dir}: its {lock.path.name} no longer names this job (the directory was deleted, "
+                    f"or another job took it over): stopped at step {done} without saving or logging, so as not to "
+                    "write into another run; see what that directory holds, then resume with --checkpoint.resume "
+                    "auto or choose another --run.dir"
+                )
             last_loss = stats[0].item() / world
             stop_now = stats[1].item() > 0
             if log_now:
