@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ucfvit.data.balance import plan_load
-from ucfvit.data.loader import STOP_SIGNALS, build_loader, dead_worker_error
+from ucfvit.data.loader import STOP_SIGNALS, build_loader, close_workers, dead_worker_error
 from ucfvit.data.readers import DataError
 from ucfvit.train.cli import _one_line
 from ucfvit.train.guards import StopFlag
@@ -118,3 +118,23 @@ def test_a_killed_loader_worker_is_one_line_naming_memory_and_the_option():
         signal.signal(signal.SIGCHLD, torch_handler)
     assert str(cut).startswith(f"rank 0: data loader worker (pid {pid}) was killed by signal 'Killed'")
     del batches
+
+
+class StuckAfterFirst(WorkerSignals):
+    """A worker that hangs in its second sample (a hung file system)."""
+
+    def sample(self, index: int) -> dict[str, torch.Tensor]:
+        if index > 0:
+            time.sleep(3600)
+        return super().sample(index)
+
+
+def test_closing_the_loader_ends_a_stuck_worker_that_ignores_sigterm(monkeypatch):
+    """torch ends a worker that does not stop with SIGTERM (and multiprocessing, at exit, then waits
+    for it forever): ignored now, so the trainer's close kills it."""
+    monkeypatch.setattr(torch.utils.data._utils, "MP_STATUS_CHECK_INTERVAL", 0.2)  # torch's join timeout
+    plan = plan_load(["stuck"], [None], dp_size=1, local_batch=1)
+    batches = iter(build_loader([StuckAfterFirst()], plan, 0, [0], 0, 10, micro=1, seed=0, num_workers=1))
+    pid = int(next(batches)["pid"])
+    close_workers(batches, grace=5.0)
+    assert _dead(pid)

@@ -38,6 +38,7 @@ __all__ = [
     "StepSampler",
     "TreePatches",
     "build_loader",
+    "close_workers",
     "dead_worker_error",
     "init_worker",
     "keep_freed_memory",
@@ -167,6 +168,23 @@ def init_worker(_worker_id: int | None = None) -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     keep_freed_memory()
+
+
+def close_workers(batches: Iterator, grace: float = 5.0) -> None:
+    """End the worker processes of a loader's iterator now: asked to stop (torch joins each for up
+    to 5 s), then SIGKILLed after ``grace`` more seconds.
+
+    Workers ignore SIGTERM (:func:`init_worker`), and SIGTERM is torch's last resort for a worker
+    that does not exit, and multiprocessing's at interpreter exit, which then waits for it forever.
+    """
+    workers = list(getattr(batches, "_workers", ()))  # torch keeps its worker processes here
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join(grace)
 
 
 # How torch's loader reports a worker that died without an exception: its SIGCHLD handler, or a

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from ucfvit.data.loader import build_loader, dead_worker_error, positions_at
+from ucfvit.data.loader import build_loader, close_workers, dead_worker_error, positions_at
 from ucfvit.eval.plots import plot_run
 from ucfvit.models import FamilySpec
 from ucfvit.parallel import clip_grad_norm_, data_parallel_info, make_mesh, parallelize, sample_rng
@@ -260,6 +260,7 @@ def _train(plan: RunPlan, lock: RunLock, watchdog: Watchdog, hooks: list[Hooks])
     timer = Throughput(start_step)
     last_loss, stopped, done = None, False, start_step
     stop = StopFlag(watch_parent=launched_by_torchrun())  # before iter(loader) forks the workers: they inherit it
+    batches = None
     try:
         batches = iter(loader)
         for step in range(start_step, cfg.max_steps):
@@ -348,6 +349,8 @@ def _train(plan: RunPlan, lock: RunLock, watchdog: Watchdog, hooks: list[Hooks])
             raise
         raise dead from None
     finally:
+        if batches is not None:
+            close_workers(batches)
         stop.restore()
         for hook in hooks:
             hook.close()
