@@ -18,6 +18,7 @@ CATEGORIES = (
     "run_dir",  # reusing, racing on and crashing in run directories
     "divergence",  # non-finite losses
     "hang",  # a stopped rank
+    "stops",  # SIGTERM/SIGINT/SIGHUP with and without loader workers, at one rank and under torchrun
     "misc",  # wrong command lines and paths, incompatible resumes, preemption, a full disk
 )
 

@@ -23,6 +23,7 @@ REPRESENTATIVE = {
     "run_dir": "fresh-over-checkpoints",
     "divergence": "vit-lr1e6",
     "hang": "sigstop-last-rank-ddp",
+    "stops": "sigint-2workers-1rank-group",  # Ctrl-C reaches the loader workers too
     "misc": "config-pickle",
 }
 
