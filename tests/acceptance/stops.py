@@ -26,6 +26,7 @@ from .harness import (
 )
 
 STOP_LIMIT = 120  # s from the signal to the end of every trainer process
+SYNC = 8  # log (and sync) steps: a stop needs more batches than the workers had prefetched at the signal
 
 
 def exit_statuses(exit_dir: Path) -> dict[int, str]:
@@ -41,6 +42,7 @@ def _start(ctx: Ctx, nproc: int, workers: int) -> tuple[subprocess.Popen, Path, 
         "--max-steps": "100000",
         "--checkpoint.resume": "none",
         "--data.num-workers": str(workers),
+        "--metrics.log-every": str(SYNC),
     }
     proc, log = ctx.start(flags, nproc=nproc, exit_dir=ctx.dir / "exits")
     return proc, log, flags, run
@@ -75,7 +77,7 @@ def stop_signal(ctx: Ctx, nproc: int, sig: str, workers: int, to: str) -> tuple[
     within 120 s without a traceback, and a resume continues from it."""
     proc, log, flags, run = _start(ctx, nproc, workers)
     try:
-        if not ctx.wait_for_step(proc, run, log, 3, TIMEOUT):
+        if not ctx.wait_for_step(proc, run, log, SYNC, TIMEOUT):
             return False, f"training never started ({proc.poll()}): {last_line(log.read_text())}"
         signum = getattr(signal, sig)
         if to == "group":
@@ -105,7 +107,7 @@ def sigkill_torchrun(ctx: Ctx, nproc: int, workers: int) -> tuple[bool, str]:
     each rank having saved the same checkpoint and exited 0, and a resume continues from it."""
     proc, log, flags, run = _start(ctx, nproc, workers)
     try:
-        if not ctx.wait_for_step(proc, run, log, 3, TIMEOUT):
+        if not ctx.wait_for_step(proc, run, log, SYNC, TIMEOUT):
             return False, f"training never started ({proc.poll()}): {last_line(log.read_text())}"
         ranks = {pid for pid, parent in _proc_table().items() if parent == proc.pid}
         os.kill(proc.pid, signal.SIGKILL)

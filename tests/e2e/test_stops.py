@@ -25,11 +25,12 @@ LIMIT = 120  # s from the signal to the end of every rank
 
 
 def flags(run_dir: Path, nproc: int = 1) -> list[str]:
-    """A tiny endless run with two loader workers per rank."""
+    """A tiny endless run with two loader workers per rank. Ranks sync every 8 steps (log steps), so
+    a stop needs more batches than the workers had prefetched when the signal came."""
     mesh = ["--mesh", f"1x{nproc}x1"] if nproc > 1 else []
     return [
         *["--model", "vit", "--arch.img-size", "16", "16", "--data.global-batch-size", "4", *mesh],
-        *["--max-steps", "100000", "--metrics.log-every", "1", "--data.num-workers", "2", "--run.dir", str(run_dir)],
+        *["--max-steps", "100000", "--metrics.log-every", "8", "--data.num-workers", "2", "--run.dir", str(run_dir)],
     ]
 
 
@@ -40,14 +41,15 @@ def python_run(argv: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def wait_for_steps(proc: subprocess.Popen, run_dir: Path, steps: int = 2) -> None:
+def wait_for_steps(proc: subprocess.Popen, run_dir: Path, steps: int = 1) -> None:
+    """Until ``steps`` log lines are written (step 8 for one)."""
     metrics, deadline = run_dir / "metrics.jsonl", time.time() + 300
     while proc.poll() is None and time.time() < deadline:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
             return
         time.sleep(0.05)
     kill_all(proc)
-    pytest.fail(f"the run never logged step {steps} ({proc.poll()})")
+    pytest.fail(f"the run never logged {steps} steps ({proc.poll()})")
 
 
 def saved_step(text: str, run_dir: Path, nproc: int) -> int:
