@@ -29,6 +29,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "recipes" / "train.py"
+RECORD_EXIT = REPO / "tests" / "record_exit.py"
 TAG_VAR = "UCFVIT_ACCEPTANCE_TAG"
 TIMEOUT = 240  # hard limit of one trainer subprocess (s)
 FLAG_TIMEOUT = 120  # ... of one refused command line (a bad flag that is accepted trains 2 tiny steps)
@@ -432,17 +433,28 @@ class Ctx:
         self.tag = uuid.uuid4().hex
         self.count = 0
 
-    def command(self, argv: list[str], nproc: int) -> list[str]:
+    def command(self, argv: list[str], nproc: int, record_exit: bool = False) -> list[str]:
+        script = [str(RECORD_EXIT), str(TRAIN)] if record_exit else [str(TRAIN)]
         if nproc > 1:
             launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-            return [sys.executable, *launcher, str(TRAIN), *argv]
-        return [sys.executable, str(TRAIN), *argv]
+            return [sys.executable, *launcher, *script, *argv]
+        return [sys.executable, *script, *argv]
 
     def start(
-        self, args: dict | list, nproc: int = 1, fsize: int | None = None, env: dict | None = None
+        self,
+        args: dict | list,
+        nproc: int = 1,
+        fsize: int | None = None,
+        env: dict | None = None,
+        exit_dir: Path | None = None,
     ) -> tuple[subprocess.Popen, Path]:
+        """Start the trainer (under torchrun for ``nproc`` > 1); with ``exit_dir`` each rank writes its
+        exit status there (``tests/record_exit.py``: torchrun does not report them after a signal)."""
         argv = to_argv(args) if isinstance(args, dict) else list(args)
-        cmd = self.command(argv, nproc)
+        cmd = self.command(argv, nproc, record_exit=exit_dir is not None)
+        if exit_dir is not None:
+            exit_dir.mkdir(parents=True, exist_ok=True)
+            env = {**(env or {}), "UCFVIT_EXIT_DIR": str(exit_dir)}
         if fsize is not None:  # a disk that fills up: writes beyond fsize bytes fail with EFBIG
             limit = (
                 f"import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({fsize}, {fsize})); "

@@ -19,6 +19,7 @@ CATEGORIES = (
     "ownership",  # links into other runs, directories changing under a job, step names, stale locks
     "divergence",  # non-finite losses
     "hang",  # a stopped rank
+    "stops",  # SIGTERM/SIGINT/SIGHUP with and without loader workers, at one rank and under torchrun
     "misc",  # wrong command lines and paths, incompatible resumes, preemption, a full disk
 )
 

@@ -26,6 +26,7 @@ REPRESENTATIVE = {
     "ownership": "linked-checkpoints-resume-auto",
     "divergence": "vit-lr1e6",
     "hang": "sigstop-last-rank-ddp",
+    "stops": "sigint-2workers-1rank-group",  # Ctrl-C reaches the loader workers too
     "misc": "config-pickle",
 }
 

@@ -10,12 +10,16 @@ dataset the position is the global sample index, the same on any mesh. A checkpo
 per-dataset positions (:func:`positions_at`), so a resume continues mid-epoch exactly, on any mesh.
 
 Batches are assembled by torchdata's ``StatefulDataLoader`` (worker processes, pinned memory,
-prefetch); an exception in a worker is raised again on the training rank.
+prefetch); an exception in a worker is raised again on the training rank. Workers ignore the
+signals that stop a run (:data:`STOP_SIGNALS`): stopping is the trainer's, which saves first.
 """
 
 from __future__ import annotations
 
 import ctypes
+import re
+import signal
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -27,10 +31,25 @@ from .balance import LoadPlan
 from .dataset import Source
 from .order import SampleOrder
 from .quadtree import adaptive_patches
+from .readers import DataError
 
-__all__ = ["StepSampler", "TreePatches", "build_loader", "keep_freed_memory", "positions_at"]
+__all__ = [
+    "STOP_SIGNALS",
+    "StepSampler",
+    "TreePatches",
+    "build_loader",
+    "close_workers",
+    "dead_worker_error",
+    "init_worker",
+    "keep_freed_memory",
+    "positions_at",
+]
 
 Key = tuple[int, int]  # (dataset number, stream position)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""Signals that ask a run to save and stop (preemption, Ctrl-C, a closed terminal): the trainer
+handles them (:class:`ucfvit.train.guards.StopFlag`), loader workers ignore them."""
 
 
 def positions_at(plan: LoadPlan, start: Sequence[int], start_step: int, step: int) -> list[int]:
@@ -137,6 +156,78 @@ def keep_freed_memory(_worker_id: int | None = None) -> bool:
     return bool(mallopt(m_mmap_threshold, 64 << 20)) and bool(mallopt(m_trim_threshold, 256 << 20))
 
 
+def init_worker(_worker_id: int | None = None) -> None:
+    """Set up a loader worker: ignore :data:`STOP_SIGNALS` and keep freed memory.
+
+    A signal sent to the process group (Ctrl-C, ``kill -TERM -PGID``, torchrun forwarding one to its
+    workers) reaches the workers too. Left to their default action they would die at once, and the
+    trainer, which needs them for the steps up to the next sync point, would fail with "DataLoader
+    worker killed by signal" instead of saving. They end when the trainer closes the loader (or,
+    should the trainer die, by the loader's own watch of their parent).
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    keep_freed_memory()
+
+
+def close_workers(batches: Iterator, grace: float = 5.0) -> None:
+    """End the worker processes of a loader's iterator now: asked to stop (torch joins each for up
+    to 5 s), then SIGKILLed after ``grace`` more seconds.
+
+    Workers ignore SIGTERM (:func:`init_worker`), and SIGTERM is torch's last resort for a worker
+    that does not exit, and multiprocessing's at interpreter exit, which then waits for it forever.
+    """
+    workers = list(getattr(batches, "_workers", ()))  # torch keeps its worker processes here
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join(grace)
+
+
+# How torch's loader reports a worker that died without an exception: its SIGCHLD handler, or a
+# failed wait for the next batch.
+_DEAD_WORKER = re.compile(
+    r"DataLoader worker \(pid(?:\(s\))? (?P<pids>[\d, ]+)\) "
+    r"(?:is killed by signal: (?P<signal>[^.]*)|exited unexpectedly)"
+)
+
+
+def _torch_reports_dead_worker(wait: float) -> re.Match | None:
+    """torch's own check of the live loaders' workers (that of its SIGCHLD handler), repeated for up
+    to ``wait`` seconds while the kernel finishes off a killed worker."""
+    from torch.utils.data._utils.signal_handling import _error_if_any_worker_fails
+
+    end = time.monotonic() + wait
+    try:
+        while time.monotonic() < end:
+            _error_if_any_worker_fails()
+            time.sleep(0.05)  # where the SIGCHLD handler may raise the same error
+    except RuntimeError as err:
+        return _DEAD_WORKER.search(str(err))
+    return None
+
+
+def dead_worker_error(err: BaseException, rank: int, num_workers: int) -> DataError | None:
+    """The one-line :class:`DataError` for ``err`` when it comes from a loader worker that died without
+    an exception (the kernel's out-of-memory killer, ``kill -9``, a full ``/dev/shm``), else None.
+    Call it while the loader's iterator is alive: a worker killed while handing over a batch breaks
+    the hand-over first (``ConnectionResetError``), and only its iterator knows the worker."""
+    match = _DEAD_WORKER.search(str(err))
+    if match is None and num_workers > 0 and isinstance(err, (ConnectionError, EOFError)):
+        match = _torch_reports_dead_worker(wait=2.0)
+    if match is None:
+        return None
+    how = f"was killed by signal {match['signal'].strip()!r}" if match["signal"] else "exited unexpectedly"
+    return DataError(
+        f"rank {rank}: data loader worker (pid {match['pids'].strip()}) {how}, most likely for want of memory "
+        f"(the out-of-memory killer, or a full /dev/shm); lower --data.num-workers (now {num_workers}) or "
+        "--data.prefetch-factor, or give the job more memory"
+    )
+
+
 def build_loader(
     sources: Sequence[Source],
     plan: LoadPlan,
@@ -158,7 +249,7 @@ def build_loader(
         KeyedSamples(sources, orders, transform),
         batch_sampler=StepSampler(plan, dp_rank, start, start_step, max_steps, micro),
         num_workers=num_workers,
-        worker_init_fn=keep_freed_memory if num_workers > 0 else None,
+        worker_init_fn=init_worker if num_workers > 0 else None,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         pin_memory=pin_memory,
     )

@@ -6,6 +6,7 @@ at the same step, saves the same checkpoint or refuses to save a non-finite one.
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -13,7 +14,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DIVERGED_HINT", "FiniteGuard", "StopFlag", "TrainingDiverged", "parameters_finite"]
+from ucfvit.data.loader import STOP_SIGNALS
+
+__all__ = [
+    "DIVERGED_HINT",
+    "FiniteGuard",
+    "StopFlag",
+    "TrainingDiverged",
+    "launched_by_torchrun",
+    "parameters_finite",
+]
 
 
 class TrainingDiverged(RuntimeError):
@@ -22,20 +32,48 @@ class TrainingDiverged(RuntimeError):
 
 
 class StopFlag:
-    """Set by SIGTERM (SLURM preemption) or SIGINT (Ctrl-C); checked collectively."""
+    """Set by SIGTERM (SLURM preemption, torchrun), SIGINT (Ctrl-C) or SIGHUP (a closed terminal or a
+    dropped ssh session), or when the launcher died; checked collectively at the loop's sync points.
 
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
+    Made before the data loader starts its worker processes, which inherit the handler until they
+    ignore these signals (:func:`ucfvit.data.loader.init_worker`), so a signal sent to the
+    whole process group reaches the trainer and leaves the workers running until the save is done.
+
+    Args:
+        watch_parent: Also stop when this process's parent dies (its parent pid changes). Under
+            torchrun the workers run in sessions of their own, so a SIGKILLed torchrun would leave
+            them training; one ``getppid`` per check finds it.
+    """
+
+    def __init__(self, watch_parent: bool = False):
+        self._requested = False
+        self.parent = os.getppid() if watch_parent else None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        self._requested = True
+
+    @property
+    def requested(self) -> bool:
+        return self._requested or self.orphaned
+
+    @requested.setter
+    def requested(self, value: bool) -> None:
+        self._requested = value
+
+    @property
+    def orphaned(self) -> bool:
+        """Whether the parent watched since the start has died."""
+        return self.parent is not None and os.getppid() != self.parent
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is a worker of torchrun's elastic agent (which sets ``TORCHELASTIC_RUN_ID``)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
 
 
 DIVERGED_HINT = "Lower --optim.lr, keep --optim.grad-clip on, or skip such steps with --optim.skip-nonfinite N"

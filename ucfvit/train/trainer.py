@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from ucfvit.data.loader import build_loader, positions_at
+from ucfvit.data.loader import build_loader, close_workers, dead_worker_error, positions_at
 from ucfvit.eval.plots import plot_run
 from ucfvit.models import FamilySpec
 from ucfvit.parallel import clip_grad_norm_, data_parallel_info, make_mesh, parallelize, sample_rng
@@ -37,7 +37,7 @@ from .checkpoint import Checkpointer, CheckpointError, decode_rng, encode_rng
 from .config import Config, ConfigError
 from .data_setup import channel_batches, prepare_data
 from .export import export_safetensors
-from .guards import DIVERGED_HINT, FiniteGuard, StopFlag, TrainingDiverged, parameters_finite
+from .guards import DIVERGED_HINT, FiniteGuard, StopFlag, TrainingDiverged, launched_by_torchrun, parameters_finite
 from .hooks import Hooks, make_sinks
 from .init_from import load_into
 from .optim import build_optimizer, lr_at, set_lr
@@ -49,7 +49,7 @@ from .watchdog import Watchdog
 
 __all__ = ["INIT_REPORT", "TrainResult", "accumulate_gradients", "train"]
 
-# Ranks agree on a stop request (SIGTERM/SIGINT) at the next synchronisation point: every
+# Ranks agree on a stop request (SIGTERM/SIGINT/SIGHUP, or torchrun gone) at the next synchronisation point: every
 # log step, checkpoint step, and at least every SYNC_EVERY steps.
 SYNC_EVERY = 10
 INIT_REPORT = "init_report.txt"
@@ -244,7 +244,6 @@ def _train(plan: RunPlan, lock: RunLock, watchdog: Watchdog, hooks: list[Hooks])
         prefetch_factor=cfg.data.prefetch_factor,
         pin_memory=plan.device_type == "cuda",
     )
-    batches = iter(loader)
     flops_per_step = train_flops_per_sample(model, pooled_head=plan.spec.pooled_head) * global_batch
     peak = peak_flops(device)
     world = dist.get_world_size()
@@ -270,11 +269,13 @@ def _train(plan: RunPlan, lock: RunLock, watchdog: Watchdog, hooks: list[Hooks])
 
     if rank == 0:
         hooks = hooks + make_sinks(cfg.metrics.sink, run_dir, cfg.to_dict())
-    stop = StopFlag()
     guard = FiniteGuard(cfg.optim.skip_nonfinite, start_step, device)
     timer = Throughput(start_step)
     last_loss, stopped, done = None, False, start_step
+    stop = StopFlag(watch_parent=launched_by_torchrun())  # before iter(loader) forks the workers: they inherit it
+    batches = None
     try:
+        batches = iter(loader)
         for step in range(start_step, cfg.max_steps):
             watchdog.progress(step + 1, "training step")  # numbered as in the logs: step N ends with N done
             lr = lr_at(step, cfg)
@@ -340,7 +341,8 @@ def _train(plan: RunPlan, lock: RunLock, watchdog: Watchdog, hooks: list[Hooks])
             if stop_now:
                 stopped = True
                 if rank == 0:
-                    print(f"stop requested: saved step {done}, exiting", flush=True)
+                    why = f" (its launcher, pid {stop.parent}, is gone)" if stop.orphaned else ""
+                    print(f"stop requested{why}: saved step {done}, exiting", flush=True)
                 break
         if start_step >= cfg.max_steps and rank == 0:
             print(
@@ -363,7 +365,14 @@ def _train(plan: RunPlan, lock: RunLock, watchdog: Watchdog, hooks: list[Hooks])
                         hook.on_pictures(done, path)
         if rank == 0 and done > start_step:
             _plot_curves(run_dir)
+    except (RuntimeError, ConnectionError, EOFError) as err:
+        dead = dead_worker_error(err, rank, cfg.data.num_workers)
+        if dead is None:
+            raise
+        raise dead from None
     finally:
+        if batches is not None:
+            close_workers(batches)
         stop.restore()
         for hook in hooks:
             hook.close()
