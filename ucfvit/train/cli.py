@@ -16,7 +16,10 @@ command line is parsed, so a family registered before that is a valid ``--model`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
+import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Literal
@@ -34,8 +37,9 @@ from .data_setup import defer_to_data
 from .export import ExportError
 from .guards import TrainingDiverged
 from .presets import preset
+from .ranges import check_ranges
 
-__all__ = ["as_argv", "cli_config_class", "parse", "run_recipe"]
+__all__ = ["as_argv", "check_argv", "cli_config_class", "parse", "run_recipe"]
 
 
 def cli_config_class() -> type[Config]:
@@ -93,6 +97,32 @@ def parse(argv: Sequence[str], description: str | None = None, accelerator: bool
     cls = cli_config_class()
     cfg = tyro.cli(cls, default=_as(cls, defaults), args=argv, description=description)
     defer_to_data(cfg, _given(argv) | in_file)  # what the file or the flags set is kept
+    return cfg
+
+
+def check_argv(argv: Sequence[str], accelerator: bool | None = None) -> Config:
+    """The config ``recipes/train.py`` makes of ``argv`` (:func:`parse`), its numeric ranges checked:
+    every check of the command line that needs no data file, device or other process, for checking a
+    job before it is queued (``benchmarks/sweep.py``, the launchers' ``--dry-run``). Raises a one-line
+    :class:`ConfigError`: the parser's own message for a misspelt flag or a bad value."""
+    text = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(text), contextlib.redirect_stdout(text):
+            cfg = parse(argv, accelerator=accelerator)
+        check_ranges(cfg)
+    except SystemExit as stop:
+        if stop.code in (0, None):  # --help
+            raise
+        # tyro's box: the message sits between its first two rules
+        lines = [line.strip(" │╭╮╰╯") for line in text.getvalue().splitlines()]
+        rules = [i for i, line in enumerate(lines) if line and set(line) <= {"-", "─"}]
+        body = lines[rules[0] + 1 : rules[1]] if len(rules) > 1 else lines
+        message = " ".join(line for line in body if line and "full helptext" not in line)
+        after = lines[rules[1] + 1 :] if len(rules) > 1 else []
+        meant = [line.split()[0] for line in after if line.startswith("--") and not set(line) <= {"-", "─"}]
+        if meant and "Perhaps you meant" in text.getvalue():
+            message += f" (did you mean {' or '.join(dict.fromkeys(meant))}?)"
+        raise ConfigError(f"recipes/train.py refuses {shlex.join(argv)!r}: {message}") from None
     return cfg
 
 
