@@ -19,6 +19,7 @@ CATEGORIES = (
     "divergence",  # non-finite losses
     "hang",  # a stopped rank
     "misc",  # wrong command lines and paths, incompatible resumes, preemption, a full disk
+    "blame",  # NaN data or weights, bad JSON, stale indexes, typos: named where they enter, in one line
 )
 
 

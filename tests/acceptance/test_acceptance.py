@@ -24,6 +24,7 @@ REPRESENTATIVE = {
     "divergence": "vit-lr1e6",
     "hang": "sigstop-last-rank-ddp",
     "misc": "config-pickle",
+    "blame": "nan-npy-data",  # NaN in a data file: named as the file's fault, not a divergence
 }
 
 

@@ -79,8 +79,8 @@ def check_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], whe
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise WeightsError(
-                f"{where}: tensor {name} holds {bad} non-finite value(s) (NaN or infinity); these weights come "
-                "from a run that diverged or a damaged file: use an earlier checkpoint"
+                f"{where}: tensor {name} holds {bad} non-finite value(s) (NaN or infinity), which no model can "
+                "start from or be scored with; use other weights (e.g. an earlier checkpoint of that run)"
             )
 
 
