@@ -189,13 +189,21 @@ def vanished_root(ctx: Ctx) -> tuple[bool, str]:
 
 
 def data_error_one_rank(ctx: Ctx) -> tuple[bool, str]:
-    """On 2 ranks without shuffling, only rank 1 reads a file holding NaN. Handled well: the first error
-    line is that rank's, naming the file; no traceback (no gloo error of the other rank); non-zero exit."""
-    root = npy_files(ctx.dir / "data", 8, bad=5)
-    flags = {**npy_flags(root, ctx.dir / "run"), "--mesh": "2x1x1", "--data.global-batch-size": "8"}
-    flags["--data.no-shuffle"] = []
+    """UNETR on 2 ranks without shuffling; only rank 1 reads a label mask holding class 9 (of 3). Handled
+    well: the first error line is that rank's, naming the mask; no traceback (no gloo error of the other
+    rank); non-zero exit."""
+    import numpy as np
+
+    images, labels = npy_files(ctx.dir / "images", 8), ctx.dir / "labels"
+    labels.mkdir()
+    for i in range(8):
+        mask = np.random.default_rng(i).integers(0, 3, (16, 16))
+        mask[2, 2] = 9 if i == 5 else mask[2, 2]
+        np.save(labels / f"f{i:03d}.npy", mask)
+    flags = {**npy_flags(images, ctx.dir / "run"), "--model": "unetr", "--data.labels": str(labels)}
+    flags |= {"--mesh": "2x1x1", "--data.global-batch-size": "8", "--data.no-shuffle": []}
     res = ctx.run(flags, nproc=2)
-    problems = blame_problems(res, ["f005.npy"])
+    problems = blame_problems(res, [str(labels / "f005.npy")])
     errors = [line for line in message_lines(res.out, scrub=False).splitlines() if line.startswith("recipes/")]
     if errors and "f005.npy" not in errors[0]:
         problems.append(f"first error line is not the failing rank's: {errors[0][:100]}")
