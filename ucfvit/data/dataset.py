@@ -128,6 +128,17 @@ class FileSource(Source):
                     "nothing can be read from it (restore it, or point the option at the data)"
                 )
 
+    def _check_gone(self, item) -> None:
+        """After a read failed: a DataError that says so if the root, or the file or its mask, is gone
+        since the index was built (the reader's own message would call the file unreadable)."""
+        self._check_root()
+        for path in (item.path, item.mask):
+            if path is not None and not os.path.lexists(path):
+                raise DataError(
+                    f"{path}: the file is gone since the data index {self.index.saved_as or 'index.json'} was "
+                    "built; delete that index to rebuild it from the files there are now"
+                ) from None
+
     def _read(self, k: int) -> dict[str, torch.Tensor]:
         i, t = self.index.locate(k)
         entry, item = self.index.entries[i], self.index.item(i)
@@ -139,14 +150,11 @@ class FileSource(Source):
             if extent is None
             else tuple(slice(c, min(c + e, n)) for c, e, n in zip(corner, extent, shape, strict=True))
         )
-        for path in (item.path, item.mask):
-            if path is not None and not os.path.exists(path):
-                self._check_root()
-                raise DataError(
-                    f"{path}: the file is gone since the data index {self.index.saved_as or 'index.json'} was "
-                    "built; delete that index to rebuild it from the files there are now"
-                )
-        raw = self.reader.read(item, region)
+        try:
+            raw = self.reader.read(item, region)
+        except DataError:
+            self._check_gone(item)
+            raise
         _check_finite(raw, item.path, region)
         expected = tuple(shape) if region is None else tuple(r.stop - r.start for r in region)
         if tuple(raw.shape[1:]) != expected or raw.shape[0] != entry["channels"]:
@@ -160,7 +168,11 @@ class FileSource(Source):
             image = image[self.channels]
         out = {"image": torch.from_numpy(np.ascontiguousarray(self._normalize(image, item.path)))}
         if item.mask is not None:
-            mask = self._fit(self.reader.read_mask(item, region)[None], extent, 0, nearest=True)[0]
+            try:
+                mask = self._fit(self.reader.read_mask(item, region)[None], extent, 0, nearest=True)[0]
+            except DataError:
+                self._check_gone(item)
+                raise
             classes = self.spec.num_classes
             if classes is not None and (mask.min() < 0 or mask.max() >= classes):
                 raise DataError(
