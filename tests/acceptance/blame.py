@@ -189,9 +189,9 @@ def vanished_root(ctx: Ctx) -> tuple[bool, str]:
 
 
 def data_error_one_rank(ctx: Ctx) -> tuple[bool, str]:
-    """UNETR on 2 ranks without shuffling; only rank 1 reads a label mask holding class 9 (of 3). Handled
-    well: the first error line is that rank's, naming the mask; no traceback (no gloo error of the other
-    rank); non-zero exit."""
+    """UNETR on 2 ranks without shuffling; only rank 1 reads a label mask holding class 9 (of 3).
+    Handled well: the first error line is that rank's, naming the mask; no traceback (no gloo error of
+    the other rank); non-zero exit."""
     import numpy as np
 
     images, labels = npy_files(ctx.dir / "images", 8), ctx.dir / "labels"
