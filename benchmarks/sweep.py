@@ -37,9 +37,7 @@ a typo in ``--extra`` or a head count that tp does not divide fails now, not aft
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import io
 import json
 import os
 import re
@@ -52,10 +50,9 @@ import torch
 
 from ucfvit.models import build_model, get_family, list_sizes
 from ucfvit.parallel import MeshShape, check_parallelizable, parse_mesh
-from ucfvit.train.cli import as_argv, parse
+from ucfvit.train.cli import as_argv, check_argv
 from ucfvit.train.config import ConfigError
 from ucfvit.train.plan import model_kwargs
-from ucfvit.train.ranges import check_ranges
 from ucfvit.train.throughput import PEAK_BF16
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,22 +212,13 @@ def check_extra(extra: list[str]) -> None:
 
 def train_config(model: str, size: str, steps: int, extra: list[str]):
     """The training config that ``recipes/train.py`` makes of one model's options and ``--extra`` on a GPU
-    node; its errors (tyro's box, a ConfigError) become one line naming ``--extra``."""
+    node (:func:`ucfvit.train.cli.check_argv`, the GPU recipe: 224 px, bf16, on any machine); its error
+    becomes one line naming ``--extra``."""
     argv = ["--model", model, "--model-size", size, "--max-steps", str(steps), *extra]
-    text = io.StringIO()
-    try:  # the runs start on GPU nodes: check them against the GPU recipe (224 px, bf16) on any machine
-        with contextlib.redirect_stderr(text), contextlib.redirect_stdout(text):
-            cfg = parse(argv, accelerator=True)
-        check_ranges(cfg)
-    except SystemExit:  # tyro: the message sits between the box's first two rules
-        lines = [line.strip() for line in text.getvalue().splitlines()]
-        rules = [i for i, line in enumerate(lines) if set(line) == {"-"} or set(line) == {"─"}]
-        body = lines[rules[0] + 1 : rules[1]] if len(rules) > 1 else lines
-        message = " ".join(filter(None, body))
-        raise SweepError(f"--extra: recipes/train.py refuses {shlex.join(extra)!r}: {message}") from None
+    try:
+        return check_argv(argv, accelerator=True)
     except ConfigError as err:
         raise SweepError(f"--extra: {err}") from None
-    return cfg
 
 
 def plan(args: argparse.Namespace) -> list[Run]:

@@ -12,6 +12,8 @@
 #     run COMMAND           (what runs on that node: per task for srun, per node for torchrun)
 #     === end node I ===
 # Values and commands are quoted with printf %q, so each line splits back into words like a shell would.
+# Before printing, a dry run checks the arguments for recipes/train.py with the trainer's own parser
+# (ucf_check_train_args): a misspelt flag fails now, not after the queue.
 
 UCF_TRAIN_ARGS=() # for recipes/train.py, verbatim
 UCF_ENV_NAMES=()  # the variables the launcher exports, in order (printed by --dry-run and at start)
@@ -224,4 +226,22 @@ ucf_print_node() {
     for pair in "${UCF_NODE_ENV[@]}"; do printf 'env %s=%s\n' "${pair%%=*}" "$(ucf_quote "${pair#*=}")"; done
     printf 'run %s\n' "$(ucf_quote "${UCF_NODE_CMD[@]}")"
     printf '=== end node %s ===\n' "$1"
+}
+
+# Check UCF_TRAIN_ARGS with recipes/train.py's own parser (python -m ucfvit.train.check_args), before a dry run
+# prints the job. $1: "gpu" to check against the GPU recipes (a job for GPU nodes, checked on a login node) or
+# "here" (this machine's); the rest: the python that runs the check (possibly several words), with this
+# checkout first on PYTHONPATH. Refused (the checker exits 3): the trainer's one line, and exit 2. A python
+# that cannot run the check (no torch on a login node, a container runner that is not there): a warning.
+ucf_check_train_args() {
+    local out rc=0 check=(-m ucfvit.train.check_args)
+    [[ $1 == gpu ]] && check+=(--accelerator)
+    shift
+    out=$(PYTHONPATH="$UCF_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$@" "${check[@]}" -- "${UCF_TRAIN_ARGS[@]}" 2>&1) || rc=$?
+    if ((rc == 3)); then
+        ucf_die "${out##*$'\n'}"
+    elif ((rc != 0)); then
+        ucf_warn "the options for recipes/train.py were not checked: $* ${check[*]} failed (${out##*$'\n'})"
+    fi
+    return 0
 }

@@ -7,8 +7,10 @@
 #
 # Options (anywhere before "--"; all other arguments go to recipes/train.py unchanged):
 #   --nproc-per-node N  trainers to start (default: the GPUs torch sees, else 1)
-#   --python PY         the interpreter that counts the GPUs (default: UCFVIT_PYTHON, else python3)
-#   --dry-run           print the command and environment instead of running them
+#   --python PY         the interpreter that counts the GPUs and checks a dry run's training options
+#                       (default: UCFVIT_PYTHON, else python3)
+#   --dry-run           check the training options with the trainer's parser, then print the command and
+#                       environment instead of running them
 # torchrun comes from PATH (the active environment).
 set -euo pipefail
 
@@ -39,6 +41,7 @@ ucf_env OMP_NUM_THREADS $((cores / nproc > 1 ? cores / nproc : 1))
 launch=(torchrun --standalone --nproc_per_node "$nproc" "$UCF_ROOT/recipes/train.py" "${UCF_TRAIN_ARGS[@]}")
 UCF_SUMMARY="ucfvit local: 1 node x $nproc = $nproc ranks, mesh ${UCF_MESH:-from --config or the default}"
 if [[ -n $opt_dry_run ]]; then
+    ucf_check_train_args here "$opt_python"
     printf '# %s; dry run: nothing is started\n' "$UCF_SUMMARY"
     printf 'launch %s\n' "$(ucf_quote "${launch[@]}")"
     UCF_NODE_CMD=("${launch[@]}")

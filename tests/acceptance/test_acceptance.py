@@ -28,6 +28,7 @@ REPRESENTATIVE = {
     "hang": "sigstop-last-rank-ddp",
     "stops": "sigint-2workers-1rank-group",  # Ctrl-C reaches the loader workers too
     "misc": "config-pickle",
+    "blame": "nan-npy-data",  # NaN in a data file: named as the file's fault, not a divergence
 }
 
 

@@ -57,6 +57,24 @@ def test_a_file_that_breaks_after_indexing_surfaces_from_the_worker(tmp_path):
     assert "f002.npy" in msg, msg
 
 
+def test_a_data_error_on_one_of_two_ranks_is_that_ranks_line_first(tmp_path):
+    """Rank 1 alone reads a label mask with a class beyond the model's: its one line names the file and
+    comes first; rank 0 says in one line that it stopped because of it, with no gloo traceback."""
+    images, labels = npy_dataset(tmp_path / "images", 4, (16, 16)), tmp_path / "labels"
+    labels.mkdir()
+    for k in range(4):
+        np.save(labels / f"f{k:03d}.npy", np.full((16, 16), 9 if k == 3 else k % 3, np.int64))
+    argv = npy_train_args(images, tmp_path / "run", "--max-steps", "2", "--mesh", "2x1x1", "--data.no-shuffle")
+    argv += ["--model", "unetr", "--data.labels", str(labels), "--data.global-batch-size", "4"]
+    out = wait(torchrun(2, argv, tmp_path / "log"), tmp_path / "log")
+    lines = [line for line in out.splitlines() if line.startswith("recipes/train.py: ")]
+    assert lines[0].startswith("recipes/train.py: data error: ") and "f003.npy: label values" in lines[0], out
+    # rank 0 says why it stopped, unless torchrun's SIGTERM (sent once rank 1 exits) ended it first
+    assert lines[1:] in ([], ["recipes/train.py: rank 0: stopped because another rank failed; see its error above"])
+    ours = Path(__file__).resolve().parents[2] / "ucfvit"
+    assert f'File "{ours}' not in out and "gloo" not in out  # no traceback through our code, no gloo error
+
+
 def test_single_channel_sap_trains_on_a_tree_per_channel(tmp_path):
     root = npy_dataset(tmp_path / "data", 2, (16, 16), channels=2)
     (tmp_path / "seg").mkdir()

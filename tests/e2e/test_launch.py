@@ -160,7 +160,10 @@ def fake(tmp_path):
 
 
 def launch(script: str, args: list[str], fake: tuple[Path, Path], **env: str) -> subprocess.CompletedProcess:
+    """Run a launcher with the fakes on PATH; a dry run checks the training options with the fake python
+    (it accepts anything) unless ``UCFVIT_PYTHON`` or ``--python`` names another."""
     bin_dir, out = fake
+    env.setdefault("UCFVIT_PYTHON", str(bin_dir / "python"))
     full = clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_OUT=str(out), UCFVIT_MODULES="", **env)
     full.pop("OMP_NUM_THREADS")
     return subprocess.run(["bash", script, *args], env=full, capture_output=True, text=True, timeout=60, cwd=ROOT)
@@ -385,6 +388,25 @@ def test_bad_launcher_input(fake, script, args, env, names):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and " error: " in lines[0] and names in lines[0], out.stderr
     assert recorded(fake, "srun") is None and recorded(fake, "torchrun") is None
+
+
+def test_dry_run_refuses_a_misspelt_training_flag_with_the_trainers_message(fake):
+    """The dry run parses the training options with recipes/train.py's parser (in the python that runs the
+    trainer): a typo fails before the queue, in one line; correct options pass without a warning."""
+    typo = ["--dry-run", "--nodes", "1", "--python", sys.executable, "--model", "mae", "--mesh", "1x8x1"]
+    out = launch(FRONTIER, [*typo, "--max-stepz", "10"], fake)
+    assert out.returncode == 2 and out.stdout == "", out.stdout + out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "frontier/train.sbatch: error: recipes/train.py refuses '--model mae --mesh 1x8x1 --max-stepz 10': "
+        "Unrecognized options: --max-stepz, 10 (did you mean --max-steps?)"
+    ]
+    out = launch(
+        DGX,
+        ["--dry-run", "--image", "x", "--nodes", "1", "--model", "mae", "--mesh", "1x8x1"],
+        fake,
+        UCFVIT_PYTHON=sys.executable,
+    )
+    assert out.returncode == 0 and out.stderr == "" and parse_dry_run(out.stdout)["launch"], out.stderr
 
 
 def test_train_arguments_after_double_dash_pass_verbatim(fake):

@@ -84,3 +84,50 @@ def test_saving_a_step_again_keeps_a_copy_through_a_crash(tmp_path, monkeypatch)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000001"]
     assert is_complete(root / "step-00000001")
     assert json.loads((root / "step-00000001" / "trainer_state.json").read_text()) == {"save": 3}
+
+
+def rewrite_and_rehash(ckpt, name: str, change) -> None:
+    """Change JSON file ``name`` of ``ckpt`` with ``change(data)`` and recompute its manifest entry, as
+    a hand edit that also fixed the hashes would."""
+    path = ckpt / name
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"].update(ckpt_module.file_entries(ckpt, [name]))
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def saved_run(tmp_path):
+    model, optimizer = tiny(lr=1e-3, betas=(0.9, 0.95))
+    state = {"step": 1, "data_positions": {"npy": 4}, "lr": 1e-3, "rng": ckpt_module.encode_rng()}
+    config = {"model": "vit", "model_size": "debug", "arch": {}}
+    return Checkpointer(tmp_path, keep=1).save(1, model, optimizer, state, config), model, optimizer
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda s: s.update(step="1"), "step"),
+        (lambda s: s.pop("step"), "step"),
+        (lambda s: s.update(data_positions=[4]), "data_positions"),
+        (lambda s: s["rng"].update(torch="not base64!"), "rng"),
+        (lambda s: s.update(lr=None), "lr"),
+    ],
+)
+def test_a_trainer_state_of_wrong_types_is_refused_naming_file_and_field(tmp_path, change, field):
+    ckpt, model, optimizer = saved_run(tmp_path)
+    rewrite_and_rehash(ckpt, "trainer_state.json", change)
+    state = Checkpointer(tmp_path, keep=1).load(ckpt, model, optimizer)  # the manifest matches: loads
+    with pytest.raises(CheckpointError, match=rf"trainer_state\.json: field {field} is .*, not "):
+        ckpt_module.check_trainer_state(state, ckpt)
+
+
+def test_optimizer_and_config_json_of_wrong_types_are_refused_naming_file_and_field(tmp_path):
+    ckpt, model, optimizer = saved_run(tmp_path)
+    rewrite_and_rehash(ckpt, "optimizer.json", lambda o: o["param_groups"][0]["values"].update(lr="fast"))
+    with pytest.raises(CheckpointError, match=r"optimizer\.json: field param_groups\[0\]\.lr is 'fast', where"):
+        Checkpointer(tmp_path, keep=1).load(ckpt, model, optimizer)
+    rewrite_and_rehash(ckpt, "config.json", lambda c: c.update(arch=["depth", 2]))
+    with pytest.raises(CheckpointError, match=r"config\.json: field arch is \['depth', 2\], not a mapping"):
+        ckpt_module.read_checkpoint_config(ckpt)

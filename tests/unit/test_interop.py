@@ -26,6 +26,7 @@ from reference_models import (
 from ucfvit.interop import (
     ENCODER_PREFIXES,
     WeightsError,
+    check_weights,
     encoder_only,
     from_mae_reference,
     from_timm,
@@ -288,6 +289,33 @@ def test_weights_files_round_trip_and_bad_files_are_named(tmp_path):
     ):
         with pytest.raises(WeightsError, match=match):
             read_weights(tmp_path / name)
+
+
+def test_weights_stored_as_integers_or_holding_nan_are_refused_naming_the_tensor(tmp_path):
+    model = build_model("vit", "debug", img_size=16)
+    state = model.state_dict()
+    check_weights(model, state, "w.pth")
+    with pytest.raises(WeightsError, match=r"w\.pth: tensor norm\.weight is stored as torch\.int64, but the model"):
+        check_weights(model, {**state, "norm.weight": state["norm.weight"].long()}, "w.pth")
+    bad = state["blocks.0.attn.q.weight"].clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(WeightsError, match=r"w\.pth: tensor blocks\.0\.attn\.q\.weight holds 1 non-finite value"):
+        check_weights(model, {**state, "blocks.0.attn.q.weight": bad}, "w.pth")
+    check_weights(model, {"not.in.the.model": torch.tensor([float("nan")])}, "w.pth")  # not loaded: not judged
+
+
+def test_init_from_refuses_nan_weights_naming_the_file_and_tensor(tmp_path):
+    from ucfvit.train.config import ConfigError, InitConfig
+    from ucfvit.train.init_from import prepare_pretrained
+
+    model = build_model("vit", "debug", img_size=16)
+    state = model.state_dict()
+    state["head.weight"] = torch.full_like(state["head.weight"], float("inf"))
+    torch.save(state, tmp_path / "diverged.pth")
+    with pytest.raises(
+        ConfigError, match=r"--init\.from: ucfvit state dict .*diverged\.pth: tensor head\.weight holds"
+    ):
+        prepare_pretrained(InitConfig(from_=str(tmp_path / "diverged.pth")), model)
 
 
 # ---------------------------------------------------------------- UCF-VIT

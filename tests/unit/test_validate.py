@@ -6,13 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ucfvit.models import FAMILIES, build_model
 from ucfvit.models.registry import resolved_model_kwargs
@@ -315,6 +316,24 @@ def test_load_exported_refuses_integer_weights_missing_header_and_extra_tensors(
         load_exported(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("depth", "2", r"field kwargs\.depth is '2' \(str\), but mae takes a int there"),
+        ("qkv_bias", [1], r"field kwargs\.qkv_bias is \[1\] \(list\), but mae takes a bool there"),
+        ("num_heads", None, r"its 'kwargs' do not build a mae model"),
+    ],
+)
+def test_load_exported_names_a_field_of_the_wrong_type(field, value, match, tmp_path):
+    export(tmp_path, [])
+    spec = json.loads((tmp_path / CONFIG_FILE).read_text())
+    spec["kwargs"][field] = value
+    state = load_file(str(tmp_path / MODEL_FILE))
+    save_exported(state, spec, tmp_path)  # both copies agree: only the type is wrong
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / CONFIG_FILE)) + ": " + match):
+        load_exported(tmp_path)
+
+
 def test_load_exported_names_a_missing_or_broken_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / CONFIG_FILE} does not exist")):
         load_exported(tmp_path)
@@ -387,3 +406,40 @@ def test_fewer_model_classes_than_data_classes_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"--arch.num-classes=2 is smaller than the 3 classes of the data"):
         validate_config(cfg)
     assert validate_config(parse(["--model", "vit", "--run.dir", str(tmp_path)])).model.num_classes == 3
+
+
+def test_a_run_dir_inside_an_image_data_root_is_refused_naming_both(tmp_path):
+    from data_files import image_folder
+
+    root = image_folder(tmp_path / "images", 2, 1)
+    argv = ["--model", "vit", "--data.kind", "imagefolder", "--data.root", str(root)]
+    with pytest.raises(ConfigError, match=rf"--run\.dir {root}/runs/a lies inside --data\.root {root}: the run's"):
+        validate_config(parse([*argv, "--run.dir", str(root / "runs" / "a")]))
+    assert not (root / "runs").exists()
+    validate_config(parse([*argv, "--run.dir", str(tmp_path / "run")]))
+
+
+def test_a_run_dir_too_long_for_its_checkpoint_files_is_refused_before_anything_is_written(tmp_path):
+    from ucfvit.train.plan import check_path_length
+
+    path_max = os.pathconf(tmp_path, "PC_PATH_MAX")
+    room = path_max - 50 - len(str(tmp_path))  # room for the run dir, not for abandoned/.../step-N/shard
+    deep = Path(tmp_path, *["d" * 200] * (room // 201), "d" * (room % 201 or 1))
+    with pytest.raises(ConfigError, match=r"--run\.dir /.*\.\.\.d+ is too long \(\d+ bytes\): the run writes files"):
+        validate_config(parse(["--model", "vit", "--run.dir", str(deep)]))
+    with pytest.raises(ValueError, match=r"a name in it \(x{20}\.\.\.\) has 300 bytes, more than the 255"):
+        check_path_length(tmp_path / ("x" * 300), 60, 1)
+    check_path_length(tmp_path / "run", 60, 1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_argv_gives_the_trainers_own_message_in_one_line():
+    from ucfvit.train.cli import check_argv
+
+    with pytest.raises(ConfigError) as err:
+        check_argv(["--model", "mae", "--max-stepz", "10"], accelerator=True)
+    assert "\n" not in str(err.value)
+    assert "Unrecognized options: --max-stepz, 10 (did you mean --max-steps?)" in str(err.value)
+    with pytest.raises(ConfigError, match=r"--optim\.lr=nan is out of range"):
+        check_argv(["--model", "mae", "--optim.lr", "nan"])
+    assert check_argv(["--model", "mae", "--max-steps", "10"], accelerator=True).max_steps == 10

@@ -13,6 +13,7 @@ Every sample is a dict of tensors: ``image`` (C, *img_size) float32, and where t
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -88,6 +89,14 @@ class FileSource(Source):
                 f"{unlabelled}: has no class label, and the model trains on class labels: --data.root {cfg.root} "
                 "must hold one sub-folder per class and no image directly in it"
             )
+        classes = spec.num_classes if "label" in spec.needs else None
+        beyond = next((e for e in index.entries if classes is not None and not 0 <= e["label"] < classes), None)
+        if beyond is not None:
+            raise DataError(
+                f"{beyond['path']}: its class label {beyond['label']} is outside the model's {classes} classes "
+                f"(--arch.num-classes {classes}): --data.root {cfg.root} has {len(index.classes or [])} class "
+                "folders; raise --arch.num-classes, or leave it unset to take it from the folders"
+            )
         self.channels = select_channels(name, cfg, index.channels, spec)
         mean, std = _fixed_stats(name, cfg, index.channels)
         ones = (1,) * len(spec.img_size)
@@ -96,16 +105,39 @@ class FileSource(Source):
         self._geometry: dict[int, tuple] = {}
 
     def sample(self, k: int) -> dict[str, torch.Tensor]:
-        """Sample ``k``; with ``--data.skip-bad-files`` an unreadable file is logged and the next sample taken."""
+        """Sample ``k``; with ``--data.skip-bad-files`` an unreadable file is logged and the next sample
+        taken, unless the data root itself is gone (then nothing could be read: one error, not a skip
+        line per sample)."""
         for attempt in range(self.size if self.skip_bad_files else 1):
             try:
                 return self._read((k + attempt) % self.size)
             except DataError as err:
                 if not self.skip_bad_files:
                     raise
+                self._check_root()
                 where = f"sample {(k + attempt) % self.size} of {self.name}"
                 _log(f"ucfvit: skipping {where} (--data.skip-bad-files): {err}")
         raise DataError(f"dataset {self.name!r}: no sample could be read (every file failed)")
+
+    def _check_root(self) -> None:
+        """A DataError if the dataset's root (or labels) folder is no longer there."""
+        for option, path in (("--data.root", self.cfg.root), ("--data.labels", self.cfg.labels)):
+            if path is not None and not os.path.isdir(path):
+                raise DataError(
+                    f"{path}: the folder of dataset {self.name!r} ({option}) is gone since the run started; "
+                    "nothing can be read from it (restore it, or point the option at the data)"
+                )
+
+    def _check_gone(self, item) -> None:
+        """After a read failed: a DataError that says so if the root, or the file or its mask, is gone
+        since the index was built (the reader's own message would call the file unreadable)."""
+        self._check_root()
+        for path in (item.path, item.mask):
+            if path is not None and not os.path.lexists(path):
+                raise DataError(
+                    f"{path}: the file is gone since the data index {self.index.saved_as or 'index.json'} was "
+                    "built; delete that index to rebuild it from the files there are now"
+                ) from None
 
     def _read(self, k: int) -> dict[str, torch.Tensor]:
         i, t = self.index.locate(k)
@@ -118,7 +150,12 @@ class FileSource(Source):
             if extent is None
             else tuple(slice(c, min(c + e, n)) for c, e, n in zip(corner, extent, shape, strict=True))
         )
-        raw = self.reader.read(item, region)
+        try:
+            raw = self.reader.read(item, region)
+        except DataError:
+            self._check_gone(item)
+            raise
+        _check_finite(raw, item.path, region)
         expected = tuple(shape) if region is None else tuple(r.stop - r.start for r in region)
         if tuple(raw.shape[1:]) != expected or raw.shape[0] != entry["channels"]:
             raise DataError(
@@ -131,7 +168,11 @@ class FileSource(Source):
             image = image[self.channels]
         out = {"image": torch.from_numpy(np.ascontiguousarray(self._normalize(image, item.path)))}
         if item.mask is not None:
-            mask = self._fit(self.reader.read_mask(item, region)[None], extent, 0, nearest=True)[0]
+            try:
+                mask = self._fit(self.reader.read_mask(item, region)[None], extent, 0, nearest=True)[0]
+            except DataError:
+                self._check_gone(item)
+                raise
             classes = self.spec.num_classes
             if classes is not None and (mask.min() < 0 or mask.max() >= classes):
                 raise DataError(
@@ -172,6 +213,20 @@ class FileSource(Source):
             std = x.std(axis=axes, keepdims=True, dtype=np.float64)
             return ((x - mean) / np.maximum(std, 1e-6)).astype(np.float32)
         return x
+
+
+def _check_finite(x: np.ndarray, path: str, region: tuple[slice, ...] | None) -> None:
+    """A DataError naming ``path`` if ``x`` (its ``region`` as read) holds NaN or infinity: such a
+    value would reach the model and be reported as a diverged run."""
+    if x.dtype.kind != "f" or np.isfinite(x).all():
+        return
+    bad = np.argwhere(~np.isfinite(x))[0]
+    starts = [0] * (len(bad) - 1) if region is None else [r.start or 0 for r in region]
+    position = tuple(int(b) + s for b, s in zip(bad[1:], starts, strict=True))
+    raise DataError(
+        f"{path}: holds a non-finite value ({x[tuple(bad)]} in channel {bad[0]} at {position}); fix or remove "
+        "the file, or skip it with --data.skip-bad-files"
+    )
 
 
 def resize_image(x: np.ndarray, size: Sequence[int], mode: str, nearest: bool = False) -> np.ndarray:

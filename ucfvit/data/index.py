@@ -82,12 +82,14 @@ class SourceIndex:
         entries: per file: ``path``, ``label`` (class or None), ``mask`` (path or None), ``channels``, ``shape``.
         tiles: tiles per file.
         classes: class names of an image-folder tree (index = label), else None.
+        saved_as: the index file this was read from (None: built in this process).
     """
 
     name: str
     entries: list[dict]
     tiles: list[int]
     classes: list[str] | None = None
+    saved_as: str | None = field(default=None, compare=False)  # the index file it was read from, if any
     _first: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -213,4 +215,7 @@ def load_index(path: Path, key: dict) -> dict[str, SourceIndex] | None:
         return None
     if not isinstance(data, dict) or data.get("key") != json.loads(json.dumps(key)):
         return None
-    return {n: SourceIndex.from_dict(d) for n, d in data["datasets"].items()}
+    indexes = {n: SourceIndex.from_dict(d) for n, d in data["datasets"].items()}
+    for index in indexes.values():
+        index.saved_as = str(path)
+    return indexes

@@ -10,7 +10,7 @@ from .common import WeightsError
 from .detect import read_pretrained, to_ucfvit_names
 from .files import read_weights
 from .mae import ENCODER_PREFIXES, encoder_only, from_mae_reference, to_mae_reference
-from .pretrained import LoadReport, fit_pretrained, load_pretrained
+from .pretrained import LoadReport, check_weights, fit_pretrained, load_pretrained
 from .timm import from_timm, to_timm
 from .ucf_vit import from_ucf_vit, merge_tensor_parallel
 
@@ -18,6 +18,7 @@ __all__ = [
     "ENCODER_PREFIXES",
     "LoadReport",
     "WeightsError",
+    "check_weights",
     "encoder_only",
     "fit_pretrained",
     "from_mae_reference",

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models.embed import resize_pos_embed
-from .common import is_sincos_table
+from .common import WeightsError, is_sincos_table
 
-__all__ = ["LoadReport", "fit_pretrained", "load_pretrained"]
+__all__ = ["LoadReport", "check_weights", "fit_pretrained", "load_pretrained"]
 
 _TABLES = ("pos_embed", "decoder_pos_embed")
 
@@ -60,6 +60,28 @@ def _unused_table(key: str, value: torch.Tensor, model: torch.nn.Module) -> str:
         "a trained table, but the model's positions are the fixed sin-cos table: build it with "
         "pos_embed='learned' to use it"
     )
+
+
+def check_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse (:class:`WeightsError` naming ``where`` and the tensor) an entry of ``state`` that the
+    model has but that would load wrongly: a floating-point entry stored as integers (or the other
+    way round), or one holding NaN or infinity (a run from it would be blamed on the learning rate)."""
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name, tensor in state.items():
+        mine = own.get(name)
+        if mine is None or not isinstance(tensor, torch.Tensor):
+            continue
+        if mine.is_floating_point() != tensor.is_floating_point():
+            raise WeightsError(
+                f"{where}: tensor {name} is stored as {tensor.dtype}, but the model's {name} is {mine.dtype}; "
+                "a floating-point tensor must be stored as floating point (and an integer one as integer)"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise WeightsError(
+                f"{where}: tensor {name} holds {bad} non-finite value(s) (NaN or infinity), which no model can "
+                "start from or be scored with; use other weights (e.g. an earlier checkpoint of that run)"
+            )
 
 
 def fit_pretrained(

@@ -66,6 +66,7 @@ from .manifest import (
 __all__ = [
     "Checkpointer",
     "CheckpointError",
+    "check_trainer_state",
     "checkpoint_step",
     "decode_rng",
     "encode_rng",
@@ -199,9 +200,20 @@ def checkpoint_step(path: Path) -> int:
 
 
 def read_checkpoint_config(ckpt: Path) -> dict[str, Any]:
-    config = read_json(Path(ckpt) / CONFIG_FILE)
+    path = Path(ckpt) / CONFIG_FILE
+    config = read_json(path)
     if not isinstance(config, dict):
-        raise CheckpointError(f"{Path(ckpt) / CONFIG_FILE} does not hold a config (a JSON object)")
+        raise CheckpointError(f"{path} does not hold a config (a JSON object)")
+    for field, kind, what in (
+        ("model", str, "a family name"),
+        ("model_size", str, "a size name"),
+        ("arch", dict, "a mapping"),
+    ):
+        if not isinstance(config.get(field), kind):
+            raise CheckpointError(
+                f"{path}: field {field} is {repr(config.get(field, '(missing)'))[:60]}, not {what}; the file is "
+                "damaged or not from a ucfvit run"
+            )
     return config
 
 
@@ -258,6 +270,65 @@ def _groups_from_json(saved: Any, path: Path) -> list[dict]:
     ):
         raise CheckpointError(f"{path} does not hold optimizer param_groups")
     return [{k: tuple(v) if k in g["tuples"] else v for k, v in g["values"].items()} for g in groups]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_groups(saved: list[dict], current: list[dict], path: Path) -> None:
+    """Refuse (:class:`CheckpointError` naming ``path`` and the field) optimizer groups that do not
+    match this run's: another count, a missing hyper-parameter, or a value of another type."""
+    if len(saved) != len(current):
+        raise CheckpointError(
+            f"{path}: field param_groups holds {len(saved)} group(s), but this run's optimizer has {len(current)}"
+        )
+    for i, (theirs, mine) in enumerate(zip(saved, current, strict=True)):
+        for key, value in mine.items():
+            if key == "params" or key not in theirs:  # torch fills a missing option with its default
+                continue
+            given = theirs[key]
+            same = (
+                (_is_number(value) and _is_number(given))
+                or (isinstance(value, tuple) and isinstance(given, tuple) and len(given) == len(value))
+                or value is None
+                or given is None
+                or type(value) is type(given)
+            )
+            if not same or (isinstance(given, tuple) and not all(_is_number(v) for v in given if v is not None)):
+                raise CheckpointError(
+                    f"{path}: field param_groups[{i}].{key} is {given!r}, where this run's optimizer has a "
+                    f"{type(value).__name__} ({value!r}); the file is damaged or not from a ucfvit run"
+                )
+
+
+def check_trainer_state(state: dict, ckpt: Path) -> dict:
+    """The trainer's ``state`` loaded from ``ckpt``, checked field by field: :class:`CheckpointError`
+    naming the file and the field that is missing or of the wrong type (the manifest only tells that
+    the file is the one written, and a hand-edited checkpoint may carry a recomputed manifest)."""
+    path = Path(ckpt) / STATE_FILE
+
+    def bad(field: str, what: str) -> CheckpointError:
+        return CheckpointError(
+            f"{path}: field {field} is {repr(state.get(field, '(missing)'))[:60]}, not {what}; the file is damaged "
+            "or not from a ucfvit run"
+        )
+
+    if type(state.get("step")) is not int or state["step"] < 0:
+        raise bad("step", "a non-negative integer")
+    positions = state.get("data_positions")
+    if not isinstance(positions, dict) or not all(type(v) is int and v >= 0 for v in positions.values()):
+        raise bad("data_positions", "a mapping of dataset names to non-negative integers")
+    if "lr" in state and not _is_number(state["lr"]):
+        raise bad("lr", "a number")
+    rng = state.get("rng")
+    try:
+        raw = base64.b64decode(rng["torch"], validate=True)
+    except (TypeError, KeyError, ValueError):
+        raise bad("rng", 'a mapping {"torch": base64 of the RNG state}') from None
+    if len(raw) != torch.get_rng_state().numel():
+        raise bad("rng", f"an RNG state of {torch.get_rng_state().numel()} bytes")
+    return state
 
 
 class Checkpointer:
@@ -385,6 +456,7 @@ class Checkpointer:
         reader = SafeReader(ckpt, files)
         reader.read_metadata()  # checked here, on every rank, so that a refusal is ours and not DCP's
         groups = _groups_from_json(read_json(ckpt / OPTIM_FILE), ckpt / OPTIM_FILE)
+        _check_groups(groups, optimizer.param_groups, ckpt / OPTIM_FILE)
         state = read_json(ckpt / STATE_FILE)
         if not isinstance(state, dict):
             raise CheckpointError(f"{ckpt / STATE_FILE} does not hold a trainer state (a JSON object)")

@@ -16,7 +16,10 @@ command line is parsed, so a family registered before that is a valid ``--model`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
+import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Literal
@@ -27,14 +30,16 @@ import tyro
 from ucfvit.data.readers import DataError
 from ucfvit.models import list_models
 
+from .atomic import WriteError
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, dotted_options, load_config, read_config_file
 from .data_setup import defer_to_data
 from .export import ExportError
 from .guards import TrainingDiverged
 from .presets import preset
+from .ranges import check_ranges
 
-__all__ = ["as_argv", "cli_config_class", "parse", "run_recipe"]
+__all__ = ["as_argv", "check_argv", "cli_config_class", "parse", "run_recipe"]
 
 
 def cli_config_class() -> type[Config]:
@@ -95,6 +100,32 @@ def parse(argv: Sequence[str], description: str | None = None, accelerator: bool
     return cfg
 
 
+def check_argv(argv: Sequence[str], accelerator: bool | None = None) -> Config:
+    """The config ``recipes/train.py`` makes of ``argv`` (:func:`parse`), its numeric ranges checked:
+    every check of the command line that needs no data file, device or other process, for checking a
+    job before it is queued (``benchmarks/sweep.py``, the launchers' ``--dry-run``). Raises a one-line
+    :class:`ConfigError`: the parser's own message for a misspelt flag or a bad value."""
+    text = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(text), contextlib.redirect_stdout(text):
+            cfg = parse(argv, accelerator=accelerator)
+        check_ranges(cfg)
+    except SystemExit as stop:
+        if stop.code in (0, None):  # --help
+            raise
+        # tyro's box: the message sits between its first two rules
+        lines = [line.strip(" │╭╮╰╯") for line in text.getvalue().splitlines()]
+        rules = [i for i, line in enumerate(lines) if line and set(line) <= {"-", "─"}]
+        body = lines[rules[0] + 1 : rules[1]] if len(rules) > 1 else lines
+        message = " ".join(line for line in body if line and "full helptext" not in line)
+        after = lines[rules[1] + 1 :] if len(rules) > 1 else []
+        meant = [line.split()[0] for line in after if line.startswith("--") and not set(line) <= {"-", "─"}]
+        if meant and "Perhaps you meant" in text.getvalue():
+            message += f" (did you mean {' or '.join(dict.fromkeys(meant))}?)"
+        raise ConfigError(f"recipes/train.py refuses {shlex.join(argv)!r}: {message}") from None
+    return cfg
+
+
 def as_argv(options: Mapping[str, object]) -> list[str]:
     """Command-line arguments for ``options``, flag -> value (``{"--max-steps": 2, "--arch.img-size":
     (16, 16)}`` -> ``["--max-steps", "2", "--arch.img-size", "16", "16"]``); a tuple or list gives
@@ -120,21 +151,44 @@ def _one_line(err: Exception) -> str:
         return f"checkpoint error: {err}"
     if isinstance(err, ExportError):  # rank 0 only; the other ranks have finished
         return f"export error: {err}"
+    if isinstance(err, WriteError):  # a full disk while writing a file of the run (rank 0)
+        return f"write error: {err}"
     # A file that cannot be read; from a loader worker, its message ends the worker's traceback.
     return f"data error: {str(err).strip().splitlines()[-1].removeprefix(f'{DataError.__module__}.DataError: ')}"
 
 
+def _peer_failed(err: BaseException) -> bool:
+    """Whether ``err`` is how a collective ends on a rank when another rank of the job has died (its
+    process group connection closed): that rank printed the cause."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    if isinstance(err, dist.DistError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(
+        s in text for s in ("connection closed by peer", "connection reset by peer", "broken pipe", "gloo")
+    )
+
+
 def run_recipe(prog: str, body: Callable[[], object]) -> None:
-    """Run a recipe's ``body``; an error it expects (bad option, divergence, checkpoint, export or data
-    error) exits with one line ``prog: kind: message`` instead of a traceback. Every rank gets here alike
-    (done, or an error every rank raised; the export's is local) and closes its process group first:
-    left to interpreter exit, gloo's threads can abort the process (SIGABRT, pytorch/pytorch#190489)."""
+    """Run a recipe's ``body``; an error it expects (bad option, divergence, checkpoint, export, write or
+    data error) exits with one line ``prog: kind: message`` instead of a traceback. The line is printed
+    before the process group closes, so a rank that failed alone speaks first; the other ranks, whose
+    collectives then fail, print one line that points at it instead of a gloo traceback. Every rank then
+    closes its process group: left to interpreter exit, gloo's threads can abort the process (SIGABRT,
+    pytorch/pytorch#190489)."""
     error = None
     try:
         body()
-    except (ConfigError, TrainingDiverged, CheckpointError, ExportError, DataError) as err:
+    except (ConfigError, TrainingDiverged, CheckpointError, ExportError, DataError, WriteError) as err:
         error = _one_line(err)
+    except Exception as err:
+        if not _peer_failed(err):
+            raise
+        error = f"rank {dist.get_rank()}: stopped because another rank failed; see its error above"
+    if error is not None:
+        print(f"{prog}: {error}", file=sys.stderr, flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
     if error is not None:
-        sys.exit(f"{prog}: {error}")
+        sys.exit(1)

@@ -38,6 +38,7 @@ __all__ = [
     "adapt_to_data",
     "channel_batches",
     "check_data",
+    "check_run_dir_outside_data",
     "defer_to_data",
     "index_on_rank0",
     "input_spec",
@@ -115,6 +116,22 @@ def check_data(data: DataConfig, model: nn.Module, spec: FamilySpec, dp_size: in
         )
 
 
+def check_run_dir_outside_data(data: DataConfig, run_dir: Path) -> None:
+    """Refuse (ValueError naming both) a run directory inside the root of a dataset whose reader reads
+    PNG files: the run's pictures and curves would become data (a class folder) of the next run."""
+    run = Path(os.path.abspath(run_dir))
+    for name, c in dataset_configs(data).items():
+        if not is_file_kind(c.kind) or c.root is None or ".png" not in get_reader(c.kind).suffixes:
+            continue
+        root = Path(os.path.abspath(c.root))
+        if run == root or root in run.parents:
+            where = f"dataset {name!r}: " if data.datasets else ""
+            raise ValueError(
+                f"{where}--run.dir {run} lies inside --data.root {root}: the run's pictures would be read as "
+                "images (a class of their own) by the next run; choose a --run.dir outside the data"
+            )
+
+
 def _provides(cfg, entry: str) -> bool:
     if entry == "seg":
         return cfg.labels is not None
@@ -184,6 +201,8 @@ def index_on_rank0(
                     for n, c in files.items()
                 }
                 save_index(path, key, indexes)
+                for index in indexes.values():
+                    index.saved_as = str(path)
                 samples, count = sum(map(len, indexes.values())), sum(len(i.entries) for i in indexes.values())
                 print(f"data index: {samples} samples from {count} files, saved to {path}", flush=True)
         except DataError as err:

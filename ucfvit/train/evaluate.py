@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from ucfvit.models import build_model, get_family
 from ucfvit.parallel import check_parallelizable, make_mesh, parallelize, parse_mesh
 from ucfvit.parallel.mesh import world_size
 
-from .atomic import write_atomic
+from .atomic import nulled_nonfinite, write_atomic
 from .checkpoint import CheckpointError, find_checkpoint, read_checkpoint_config
 from .config import ArchConfig, Config, ConfigError, EvalConfig, InitConfig, ParallelConfig, load_config
 from .data_setup import input_spec, tree_transform
@@ -146,7 +147,14 @@ def evaluate(args: EvaluateConfig) -> dict[str, Any]:
         "time": time.time(),
     }
     if dist.get_rank() == 0:
-        write_atomic(out / RESULT_FILE, json.dumps(result, indent=2, default=str))
+        result, nonfinite = nulled_nonfinite(result)
+        if nonfinite:
+            print(
+                f"warning: {out / RESULT_FILE}: the non-finite metric(s) {', '.join(nonfinite)} written as null",
+                file=sys.stderr,
+                flush=True,
+            )
+        write_atomic(out / RESULT_FILE, json.dumps(result, indent=2, default=str, allow_nan=False))
         print(f"{cfg.model} from {weights} on mesh {cfg.mesh}: {format_metrics(metrics)}", flush=True)
         print(f"wrote {out / RESULT_FILE}" + (f" and {picture}" if picture else ""), flush=True)
     return result

@@ -23,7 +23,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ucfvit.interop import check_weights
 from ucfvit.models import build_model
+from ucfvit.models.registry import resolved_model_kwargs
 from ucfvit.parallel import full_state_dict
 
 from .atomic import write_atomic
@@ -81,6 +83,40 @@ def _differences(a: Any, b: Any, where: str = "") -> list[str]:
     return [] if a == b else [where.rstrip(".")]
 
 
+def _same_kind(value: Any, default: Any) -> bool:
+    """Whether JSON ``value`` can stand where the constructor default ``default`` stands."""
+    if value is None or default is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):  # a size may also be given per axis
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in items)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, (tuple, list)):
+        return isinstance(value, (tuple, list))
+    return True
+
+
+def _check_kwarg_types(config: Path, spec: dict[str, Any]) -> None:
+    """A ``ValueError`` naming ``config`` and the field when a constructor argument of ``spec`` has
+    another JSON type than the family's default for it (a string for a depth, a list for a flag)."""
+    try:
+        defaults = resolved_model_kwargs(spec["model"], spec["size"])
+    except ValueError as err:
+        raise ValueError(f"{config}: {err}") from None
+    for name, value in spec["kwargs"].items():
+        default = defaults.get(name)
+        if not _same_kind(value, default):
+            raise ValueError(
+                f"{config}: field kwargs.{name} is {value!r} ({type(value).__name__}), but {spec['model']} takes "
+                f"a {type(default).__name__} there (e.g. {default!r}); export the model again"
+            )
+
+
 def read_export_spec(weights: Path, config: Path) -> dict[str, Any]:
     """The ``{"model", "size", "kwargs"}`` of an export, ``config`` (``model_config.json``) checked against the
     copy in ``weights``' safetensors header (tensors are not read). Raises ``FileNotFoundError`` for a
@@ -97,6 +133,9 @@ def read_export_spec(weights: Path, config: Path) -> dict[str, Any]:
         raise ValueError(f"{config} is not valid JSON ({err})") from err
     if not (isinstance(spec, dict) and {"model", "size", "kwargs"} <= set(spec) and isinstance(spec["kwargs"], dict)):
         raise ValueError(f"{config} must be a JSON object with 'model', 'size' and 'kwargs' (a mapping)")
+    if not isinstance(spec["model"], str) or not isinstance(spec["size"], (str, type(None))):
+        raise ValueError(f"{config}: 'model' and 'size' must be strings (a family and a size name)")
+    _check_kwarg_types(config, spec)
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as f:
             header = (f.metadata() or {}).get(METADATA_KEY)
@@ -138,16 +177,9 @@ def load_exported(run_dir: str | Path, device: str = "cpu") -> nn.Module:
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["kwargs"].items()}
     try:
         model = build_model(spec["model"], spec["size"], **kwargs)
-    except ValueError as err:
-        raise ValueError(f"{config}: {err}") from err
-    expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    for name, tensor in state.items():
-        mine = expected.get(name)
-        if mine is not None and mine.is_floating_point() != tensor.is_floating_point():
-            raise ValueError(
-                f"{weights}: tensor {name} is stored as {tensor.dtype}, but the model's {name} is {mine.dtype}; "
-                "a floating-point tensor must be stored as floating point (and an integer one as integer)"
-            )
+    except (TypeError, ValueError, KeyError) as err:  # a field of the wrong type, or an unknown one
+        raise ValueError(f"{config}: its 'kwargs' do not build a {spec['model']} model ({err})") from err
+    check_weights(model, state, str(weights))  # a WeightsError is a ValueError
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

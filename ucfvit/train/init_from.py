@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from ucfvit.interop import ENCODER_PREFIXES, LoadReport, WeightsError, fit_pretrained, read_pretrained
+from ucfvit.interop import ENCODER_PREFIXES, LoadReport, WeightsError, check_weights, fit_pretrained, read_pretrained
 
 from .checkpoint import CheckpointError, find_checkpoint
 from .config import ConfigError, InitConfig
@@ -55,6 +55,7 @@ def prepare_pretrained(cfg: InitConfig, model: nn.Module, option: str = "--init.
     path = Path(cfg.from_).expanduser()
     try:
         state, source = _read(path, option)
+        check_weights(model, state, source)
     except (WeightsError, CheckpointError) as err:
         raise ConfigError(f"{option}: {err}") from None
     prefixes = ENCODER_PREFIXES if cfg.parts == "encoder" else None

@@ -13,7 +13,10 @@ directory. A bad option fails here on every rank at once, as a
 from __future__ import annotations
 
 import copy
+import os
 import re
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,7 @@ from ucfvit.parallel.mesh import world_size
 
 from .checkpoint import read_checkpoint_config
 from .config import ARCH_OPTIONS, Config, ConfigError
-from .data_setup import adapt_to_data, check_data, input_spec, tree_transform
+from .data_setup import adapt_to_data, check_data, check_run_dir_outside_data, input_spec, tree_transform
 from .hooks import check_sinks
 from .init_from import Pretrained, freeze_encoder, prepare_pretrained
 from .ranges import check_ranges, flag
@@ -188,6 +191,11 @@ def _resolve(cfg: Config) -> RunPlan:
         check_sinks(cfg.metrics.sink)
     except DataError as err:
         raise ValueError(str(err)) from err
+    try:
+        check_run_dir_outside_data(cfg.data, cfg.run.dir)
+    except DataError as err:
+        raise ValueError(str(err)) from err
+    check_path_length(Path(cfg.run.dir), cfg.max_steps, shape.world_size)
     run = inspect_run_dir(cfg.run.dir, cfg.checkpoint.resume, cfg.run.overwrite)  # reads only
     kwargs = resolved_model_kwargs(cfg.model, cfg.model_size, model_kwargs(cfg))
     if run.checkpoint is not None:
@@ -211,6 +219,45 @@ def _resolve(cfg: Config) -> RunPlan:
         run=run,
         pretrained=pretrained,
     )
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return os.path.lexists(path)
+    except OSError:  # ENAMETOOLONG: certainly not there
+        return False
+
+
+def check_path_length(run_dir: Path, max_steps: int, world: int) -> None:
+    """Refuse (ValueError naming ``--run.dir``) a run directory whose path leaves no room for the
+    longest file a run writes in it (a checkpoint shard of an abandoned branch), as the file system
+    under it counts (``PC_PATH_MAX``, ``PC_NAME_MAX``): such a run would fail at its first save."""
+    run_dir = Path(os.path.abspath(run_dir))
+    existing = next(p for p in (run_dir, *run_dir.parents) if _exists(p))
+    try:
+        path_max, name_max = os.pathconf(existing, "PC_PATH_MAX"), os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return  # the file system does not say: nothing to check against
+    step = f"step-{max_steps:08d}.tmp"
+    shard = f"__{max(world - 1, 0)}_0.distcp"
+    branch = f"{time.strftime('%Y%m%d-%H%M%S')}-resumed-at-step-{max_steps}"
+    lock = f".lock.{socket.gethostname()}.{2**22}.stale"  # the largest pid Linux gives
+    longest = os.path.join("abandoned", branch, step, shard)
+    shown = str(run_dir) if len(str(run_dir)) <= 80 else f"{str(run_dir)[:40]}...{str(run_dir)[-30:]}"
+    names = [*run_dir.relative_to(existing).parts, step, shard, branch, lock]
+    too_long = next((n for n in names if len(n.encode()) > name_max), None)
+    if too_long is not None:
+        raise ValueError(
+            f"--run.dir {shown}: a name in it ({too_long[:20]}...) has {len(too_long.encode())} bytes, more than "
+            f"the {name_max} a file name may have there; choose a shorter --run.dir"
+        )
+    need = len(os.fsencode(run_dir)) + 1 + len(longest.encode())
+    if need >= path_max:
+        raise ValueError(
+            f"--run.dir {shown} is too long ({len(os.fsencode(run_dir))} bytes): the run writes files such as "
+            f"{longest}, whose path would need {need} bytes, and the file system allows {path_max - 1}; choose a "
+            "shorter --run.dir"
+        )
 
 
 def batch_split(cfg: Config, shape: MeshShape) -> BatchSplit:

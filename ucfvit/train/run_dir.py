@@ -232,7 +232,14 @@ class RunLock:
         )
         for _ in range(5):
             tmp = self.path.with_name(f"{LOCK}.{socket.gethostname()}.{os.getpid()}")
-            tmp.write_text(record)
+            try:
+                tmp.write_text(record)
+            except OSError as err:  # a full disk or quota: one line, not a traceback
+                tmp.unlink(missing_ok=True)
+                raise ValueError(
+                    f"--run.dir={self.path.parent}: cannot write the lock {self.path} ({err.strerror or err}); "
+                    "free space or quota there, or choose another --run.dir"
+                ) from None
             try:
                 os.link(tmp, self.path)  # atomic create-with-content; fails if a lock exists
                 return self

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import WriteError, nulled_nonfinite
+
 __all__ = ["train_flops_per_sample", "peak_flops", "Throughput", "format_metrics", "format_progress"]
 
 # Dense bf16 tensor-core peak per device (FLOP/s); MI250X per GCD (one GCD is one torch device).
@@ -97,5 +99,16 @@ def format_progress(m: dict) -> str:
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append ``record`` as one line of strict JSON (a non-finite number becomes null, so others can
+    read the file); a failed write (a full disk) is a :class:`~ucfvit.train.atomic.WriteError` naming
+    the file."""
+    record, _ = nulled_nonfinite(record)
+    line = json.dumps(record, allow_nan=False) + "\n"
+    try:
+        with open(path, "a") as f:
+            f.write(line)
+    except OSError as err:
+        raise WriteError(
+            f"{path}: appending a metrics line failed ({err.strerror or err}); free space or quota there, then "
+            "run the same command again to resume from the last checkpoint"
+        ) from None

@@ -33,7 +33,7 @@ from ucfvit.eval.plots import plot_run
 from ucfvit.models import FamilySpec
 from ucfvit.parallel import clip_grad_norm_, data_parallel_info, make_mesh, parallelize, sample_rng
 
-from .checkpoint import Checkpointer, CheckpointError, decode_rng, encode_rng
+from .checkpoint import Checkpointer, CheckpointError, check_trainer_state, decode_rng, encode_rng
 from .config import Config, ConfigError
 from .data_setup import channel_batches, prepare_data
 from .export import export_safetensors
@@ -216,7 +216,7 @@ def _train(plan: RunPlan, lock: RunLock, watchdog: Watchdog, hooks: list[Hooks])
     start_step, start = 0, [0] * len(data.sources)
     if ckpt is not None:
         watchdog.progress(None, "checkpoint load")
-        state = checkpointer.load(ckpt, model, optimizer)
+        state = check_trainer_state(checkpointer.load(ckpt, model, optimizer), ckpt)
         start_step, start = state["step"], _start_positions(state, data.plan.names, rank)
         decode_rng(state["rng"])
         if rank == 0:
