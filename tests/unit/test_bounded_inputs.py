@@ -24,7 +24,9 @@ from ucfvit.data.readers import DataError, ImageFolderReader, Item, NiftiReader,
 from ucfvit.data.readers.headers import MAX_IMAGE_PIXELS
 from ucfvit.files import MAX_DEPTH, check_depth
 from ucfvit.interop import WeightsError, read_weights
+from ucfvit.train.cli import parse
 from ucfvit.train.config import ConfigError, read_config_file
+from ucfvit.train.data_setup import _first_file, adapt_to_data
 from ucfvit.train.export import CONFIG_FILE, MODEL_FILE, read_export_spec
 
 
@@ -136,6 +138,20 @@ def test_a_fifo_data_file_is_listed_and_refused_by_name_never_opened(tmp_path, k
     index = build_index("d", cfg, reader, size, skip_bad_files=True)
     assert [Path(e["path"]).name for e in index.entries] == [f"b{fifo.name[1:]}"]
     assert f"skipping {fifo}" in capsys.readouterr().err
+
+
+def test_the_channel_count_comes_from_the_first_regular_file(tmp_path):
+    """The data decides --arch.in-chans from its first file: a FIFO first is passed over, never opened."""
+    root = tmp_path / "root"
+    (root / "c0").mkdir(parents=True)
+    (root / "c1").mkdir()
+    os.mkfifo(root / "c0" / "a.png")
+    for name in ("c0/b.png", "c1/a.png"):
+        cv2.imwrite(str(root / name), np.zeros((8, 8), np.uint8))
+    assert _first_file(root, ImageFolderReader.suffixes) == str(root / "c0" / "b.png")
+    cfg = parse(["--model", "vit", "--data.kind", "imagefolder", "--data.root", str(root)])
+    adapt_to_data(cfg)
+    assert cfg.arch.in_chans == 1 and cfg.arch.num_classes == 2
 
 
 def test_a_fifo_or_huge_cached_index_is_refused_by_name(tmp_path):
