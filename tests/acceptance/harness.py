@@ -439,15 +439,21 @@ class Ctx:
         return [sys.executable, str(TRAIN), *argv]
 
     def start(
-        self, args: dict | list, nproc: int = 1, fsize: int | None = None, env: dict | None = None
+        self,
+        args: dict | list,
+        nproc: int = 1,
+        fsize: int | None = None,
+        env: dict | None = None,
+        memory: int | None = None,
     ) -> tuple[subprocess.Popen, Path]:
         argv = to_argv(args) if isinstance(args, dict) else list(args)
         cmd = self.command(argv, nproc)
-        if fsize is not None:  # a disk that fills up: writes beyond fsize bytes fail with EFBIG
-            limit = (
-                f"import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({fsize}, {fsize})); "
-                "os.execv(sys.argv[1], sys.argv[1:])"
-            )
+        # fsize: a disk that fills up (writes beyond fsize bytes fail with EFBIG); memory: the address space
+        # of each process (an allocation beyond it fails), as a job's memory limit would stop it.
+        limits = {"RLIMIT_FSIZE": fsize, "RLIMIT_AS": memory}
+        sets = "".join(f"resource.setrlimit(resource.{k}, ({v}, {v})); " for k, v in limits.items() if v is not None)
+        if sets:
+            limit = f"import os, resource, sys; {sets}os.execv(sys.argv[1], sys.argv[1:])"
             cmd = [sys.executable, "-c", limit, *cmd]
         full_env = dict(os.environ)
         full_env.setdefault("OMP_NUM_THREADS", "1")

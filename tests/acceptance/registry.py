@@ -19,6 +19,7 @@ CATEGORIES = (
     "divergence",  # non-finite losses
     "hang",  # a stopped rank
     "misc",  # wrong command lines and paths, incompatible resumes, preemption, a full disk
+    "bounds",  # small files that expand without bound when read, FIFOs where a file is expected
 )
 
 

@@ -24,6 +24,7 @@ REPRESENTATIVE = {
     "divergence": "vit-lr1e6",
     "hang": "sigstop-last-rank-ddp",
     "misc": "config-pickle",
+    "bounds": "config-fifo",
 }
 
 
