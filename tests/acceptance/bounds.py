@@ -86,9 +86,9 @@ def nifti_bomb(ctx: Ctx) -> tuple[bool, str]:
 
 
 def weights_bomb(ctx: Ctx) -> tuple[bool, str]:
-    """--init.from a 2 MiB .pth whose zip holds 2 GiB of deflated zeros. Handled well: refused with
-    one line naming the file, within 3 GiB and 120 s."""
-    bomb = bombs.pth_declaring(ctx.dir / "weights.pth", 1 << 29)
+    """--init.from a 3.5 MiB .pth whose zip holds 3.5 GiB of deflated zeros (more than the limit).
+    Handled well: refused with one line naming the file, within 3 GiB and 120 s."""
+    bomb = bombs.pth_declaring(ctx.dir / "weights.pth", 7 << 27)
     return within_bounds(ctx, {**base_flags(), "--init.from": str(bomb), "--run.dir": str(ctx.dir / "run")}, bomb)
 
 
@@ -148,7 +148,7 @@ def cases(nproc: int) -> list[Case]:
     return [
         case("png-declares-30000x30000", image_bomb),
         case("nii-gz-of-2.7gb", nifti_bomb),
-        case("pth-of-2gib-deflated-zeros", weights_bomb, needs_flag="--init.from"),
+        case("pth-of-3.5gib-deflated-zeros", weights_bomb, needs_flag="--init.from"),
         *(case(f"config-{what}", config_bomb, what=what) for what in ("aliases", "deep", "sparse")),
         case("config-fifo", config_fifo),
         case("index-fifo-on-resume", index_fifo),
