@@ -447,6 +447,7 @@ class Ctx:
         fsize: int | None = None,
         env: dict | None = None,
         exit_dir: Path | None = None,
+        memory: int | None = None,
     ) -> tuple[subprocess.Popen, Path]:
         """Start the trainer (under torchrun for ``nproc`` > 1); with ``exit_dir`` each rank writes its
         exit status there (``tests/record_exit.py``: torchrun does not report them after a signal)."""
@@ -455,11 +456,12 @@ class Ctx:
         if exit_dir is not None:
             exit_dir.mkdir(parents=True, exist_ok=True)
             env = {**(env or {}), "UCFVIT_EXIT_DIR": str(exit_dir)}
-        if fsize is not None:  # a disk that fills up: writes beyond fsize bytes fail with EFBIG
-            limit = (
-                f"import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({fsize}, {fsize})); "
-                "os.execv(sys.argv[1], sys.argv[1:])"
-            )
+        # fsize: a disk that fills up (writes beyond fsize bytes fail with EFBIG); memory: the address space
+        # of each process (an allocation beyond it fails), as a job's memory limit would stop it.
+        limits = {"RLIMIT_FSIZE": fsize, "RLIMIT_AS": memory}
+        sets = "".join(f"resource.setrlimit(resource.{k}, ({v}, {v})); " for k, v in limits.items() if v is not None)
+        if sets:
+            limit = f"import os, resource, sys; {sets}os.execv(sys.argv[1], sys.argv[1:])"
             cmd = [sys.executable, "-c", limit, *cmd]
         full_env = dict(os.environ)
         full_env.setdefault("OMP_NUM_THREADS", "1")

@@ -22,6 +22,7 @@ CATEGORIES = (
     "stops",  # SIGTERM/SIGINT/SIGHUP with and without loader workers, at one rank and under torchrun
     "misc",  # wrong command lines and paths, incompatible resumes, preemption, a full disk
     "blame",  # NaN data or weights, bad JSON, stale indexes, typos: named where they enter, in one line
+    "bounds",  # small files that expand without bound when read, FIFOs where a file is expected
 )
 
 

@@ -29,6 +29,7 @@ REPRESENTATIVE = {
     "stops": "sigint-2workers-1rank-group",  # Ctrl-C reaches the loader workers too
     "misc": "config-pickle",
     "blame": "nan-npy-data",  # NaN in a data file: named as the file's fault, not a divergence
+    "bounds": "config-fifo",
 }
 
 

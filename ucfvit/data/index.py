@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ucfvit.files import MIB, read_bounded
+
 from .config import DatasetConfig
 from .readers import DataError, Item, Reader
 from .tiling import split_range, tile_starts
@@ -28,6 +30,7 @@ from .tiling import split_range, tile_starts
 __all__ = ["INDEX_VERSION", "SourceIndex", "build_index", "fingerprint", "load_index", "save_index", "tile_extent"]
 
 INDEX_VERSION = 1
+INDEX_LIMIT = 1024 * MIB  # the largest index read: some 5 million files
 
 
 def tile_extent(cfg: DatasetConfig, img_size: Sequence[int], file_ndim: int, path: str) -> tuple[int, ...] | None:
@@ -208,14 +211,27 @@ def save_index(path: Path, key: dict, indexes: dict[str, SourceIndex]) -> None:
 
 
 def load_index(path: Path, key: dict) -> dict[str, SourceIndex] | None:
-    """The saved index if it exists and was built with options ``key`` (else None)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    """The saved index if it exists and was built with options ``key`` (else None: build it again).
+
+    Raises :class:`DataError` naming ``path`` when it is no regular file (a FIFO would block the
+    reader) or larger than :data:`INDEX_LIMIT`: not an index the trainer wrote.
+    """
+    if not os.path.lexists(path):
         return None
+    try:
+        raw = read_bounded(path, INDEX_LIMIT, "the cached data index", DataError)
+    except DataError as err:
+        raise DataError(f"{err}; delete it, and the index is built again") from None
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None  # a torn write: build it again
     if not isinstance(data, dict) or data.get("key") != json.loads(json.dumps(key)):
         return None
-    indexes = {n: SourceIndex.from_dict(d) for n, d in data["datasets"].items()}
+    try:
+        indexes = {n: SourceIndex.from_dict(d) for n, d in data["datasets"].items()}
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
     for index in indexes.values():
         index.saved_as = str(path)
     return indexes

@@ -5,6 +5,11 @@ which rebuilds tensors and plain containers (dict, list, numbers, strings) and r
 Python object, so a file with a pickle payload is an error, never executed. One class is allowed
 besides: ``argparse.Namespace``, the training arguments that the MAE reference and many research
 codes save next to the weights (it only holds attributes).
+
+Reading takes memory in proportion to the file: a ``torch.save`` zip whose members declare more than
+:data:`MAX_EXPANSION` times the file's size (``torch.save`` stores tensors uncompressed; a 1 MiB
+file can hold 1 GiB of deflated zeros) is refused from its zip directory before anything is
+inflated, and safetensors checks its own header length and tensor offsets against the file.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +25,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ucfvit.files import MIB, check_regular
+
 from .common import WeightsError
 
-__all__ = ["read_weights"]
+__all__ = ["MAX_EXPANSION", "read_weights"]
+
+MAX_EXPANSION = 8  # members' declared size / file size of a torch.save zip (its tensors are stored, ratio ~1)
 
 
 def _refusal(path: Path, error: Exception) -> WeightsError:
@@ -34,12 +44,29 @@ def _refusal(path: Path, error: Exception) -> WeightsError:
     )
 
 
+def _check_expansion(path: Path, size: int) -> None:
+    """Refuse a zip (a ``torch.save`` file) whose members declare far more bytes than the file holds."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # no zip directory that Python reads: torch.load judges the file
+    if declared > MAX_EXPANSION * size + MIB:
+        raise WeightsError(
+            f"{path}: refused: its zip members declare {declared / MIB:,.0f} MiB, more than {MAX_EXPANSION} times "
+            f"the file's {size / MIB:,.1f} MiB (torch.save stores tensors uncompressed); re-save the weights with "
+            "torch.save or as safetensors"
+        )
+
+
 def read_weights(path: str | Path) -> dict[str, Any]:
     """The contents of ``path`` (a ``.safetensors`` file, or a ``torch.save`` file such as ``.pth``,
-    ``.pt``, ``.ckpt``, ``.bin``) on the CPU, read without executing anything from it."""
+    ``.pt``, ``.ckpt``, ``.bin``) on the CPU, read without executing anything from it, in memory
+    bounded by the file's size."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise WeightsError(f"{path}: no such weights file")
+    size = check_regular(path, "a weights file", WeightsError).st_size  # a FIFO would block the reader
     with path.open("rb") as f:
         head = f.read(8)
     if path.suffix == ".safetensors":
@@ -48,7 +75,9 @@ def read_weights(path: str | Path) -> dict[str, Any]:
         except (SafetensorError, OSError) as error:
             raise WeightsError(f"{path}: not a readable safetensors file ({error})") from None
     if len(head) < 8:
-        raise WeightsError(f"{path}: empty or truncated ({path.stat().st_size} bytes)")
+        raise WeightsError(f"{path}: empty or truncated ({size} bytes)")
+    if head.startswith(b"PK"):
+        _check_expansion(path, size)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             contents = torch.load(path, map_location="cpu", weights_only=True)

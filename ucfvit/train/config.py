@@ -20,6 +20,7 @@ import torch
 import tyro
 
 from ucfvit.data.config import DataConfig, DatasetConfig
+from ucfvit.files import MAX_DEPTH, MIB, check_depth, read_bounded
 from ucfvit.models import FAMILIES, SIZES
 
 from .model_options import collect_options, make_arch_config
@@ -43,6 +44,7 @@ class ConfigError(ValueError):
     ``recipes/train.py`` prints it as one line instead of a traceback."""
 
 
+CONFIG_LIMIT = MIB  # the largest --config file read (a saved config.json takes a few KiB)
 ARCH_OPTIONS = collect_options(FAMILIES.values())
 ArchConfig = make_arch_config(ARCH_OPTIONS)
 
@@ -306,31 +308,51 @@ def _type_name(kind: Any) -> str:
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The mapping in a config file: ``config.json`` (or ``.yaml``/``.yml`` when PyYAML is installed).
 
-    Data only: JSON/YAML safe loading, never code."""
+    Data only: JSON/YAML safe loading, never code. The file must be a regular file (a FIFO would
+    block) of at most :data:`CONFIG_LIMIT` bytes, nested at most :data:`~ucfvit.files.MAX_DEPTH`
+    deep; YAML anchors and aliases are refused (a few hundred bytes of nested aliases expand to
+    gigabytes in whatever walks the result)."""
     path = Path(path)
+    raw = read_bounded(path, CONFIG_LIMIT, "--config file", ConfigError)
     try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as err:
-        raise ConfigError(f"--config {path}: cannot read it ({err.strerror})") from err
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ConfigError(f"--config {path}: not a text file (byte {err.start} is not UTF-8)") from err
-    if path.suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError as err:
-            raise ConfigError(f"--config {path}: YAML needs PyYAML (pip install pyyaml), or pass a .json file") from err
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--config {path}: not valid YAML ({' '.join(str(err).split())})") from err
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"--config {path}: not valid JSON ({err})") from err
+    try:
+        data = _read_yaml(path, text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except RecursionError:
+        raise ConfigError(f"--config {path}: nested too deeply to be read") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--config {path}: not valid JSON ({err})") from err
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of options, got {type(data).__name__}")
-    return data
+    return check_depth(data, f"--config {path}", "it", ConfigError)
+
+
+def _read_yaml(path: Path, text: str) -> Any:
+    try:
+        import yaml
+    except ImportError as err:
+        raise ConfigError(f"--config {path}: YAML needs PyYAML (pip install pyyaml), or pass a .json file") from err
+    # One pass over the parser's events first: it stops at the first alias, or where the nesting passes
+    # MAX_DEPTH (PyYAML's scanner slows down with the depth, and its composer recurses).
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if getattr(event, "anchor", None) is not None:  # &name, or *name (an AliasEvent)
+                raise ConfigError(
+                    f"--config {path}: YAML aliases are not supported in a config ('{event.anchor}' at line "
+                    f"{event.start_mark.line + 1}); write each value out"
+                )
+            if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise ConfigError(f"--config {path}: nested too deeply to be read (more than {MAX_DEPTH} levels)")
+            elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+                depth -= 1
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config {path}: not valid YAML ({' '.join(str(err).split())})") from err
 
 
 def _overlay(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -302,10 +302,12 @@ def tree_transform(model: nn.Module, data: DataConfig) -> TreePatches | None:
 
 
 def _first_file(root: Path, suffixes) -> str | None:
-    """The first data file under ``root`` in name order, listing as few directories as possible."""
+    """The first data file under ``root`` in name order, listing as few directories as possible (a FIFO
+    or other non-regular file is passed over: the index build names it)."""
     for top, dirs, names in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(names):
-            if not name.startswith(".") and name.lower().endswith(tuple(suffixes)):
-                return str(Path(top) / name)
+            path = Path(top) / name
+            if not name.startswith(".") and name.lower().endswith(tuple(suffixes)) and path.is_file():
+                return str(path)
     return None

@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ucfvit.files import MIB, check_depth, check_regular, read_bounded
 from ucfvit.interop import check_weights
 from ucfvit.models import build_model
 from ucfvit.models.registry import resolved_model_kwargs
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "model_config.json"
+CONFIG_LIMIT = MIB  # the largest model_config.json read (an export writes a few KiB)
 METADATA_KEY = "ucfvit.model_config"
 """Key of the safetensors header metadata that holds ``model_config.json``'s content (as JSON)."""
 
@@ -122,15 +124,20 @@ def read_export_spec(weights: Path, config: Path) -> dict[str, Any]:
     copy in ``weights``' safetensors header (tensors are not read). Raises ``FileNotFoundError`` for a
     missing file and ``ValueError`` naming the file and the field that is wrong."""
     for path in (config, weights):
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(
                 f"{path} does not exist: an export is {MODEL_FILE} + {CONFIG_FILE}, written to the run directory "
                 "by --checkpoint.export-safetensors"
             )
+        check_regular(path, "an export file", ValueError)  # a FIFO would block the reader
+    raw = read_bounded(config, CONFIG_LIMIT, "the export's model config", ValueError)
     try:
-        spec = json.loads(config.read_bytes())
+        spec = json.loads(raw)
+    except RecursionError:
+        raise ValueError(f"{config} is nested too deeply to be read") from None
     except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError for a binary file
         raise ValueError(f"{config} is not valid JSON ({err})") from err
+    check_depth(spec, config, "the export's model config")
     if not (isinstance(spec, dict) and {"model", "size", "kwargs"} <= set(spec) and isinstance(spec["kwargs"], dict)):
         raise ValueError(f"{config} must be a JSON object with 'model', 'size' and 'kwargs' (a mapping)")
     if not isinstance(spec["model"], str) or not isinstance(spec["size"], (str, type(None))):
@@ -147,8 +154,10 @@ def read_export_spec(weights: Path, config: Path) -> dict[str, Any]:
             "export it again with --checkpoint.export-safetensors"
         )
     try:
-        header_spec = json.loads(header)
-    except ValueError as err:
+        header_spec = check_depth(json.loads(header), weights, f"its '{METADATA_KEY}' header metadata")
+    except RecursionError:
+        raise ValueError(f"{weights}: its '{METADATA_KEY}' header metadata is nested too deeply to be read") from None
+    except json.JSONDecodeError as err:
         raise ValueError(f"{weights}: its '{METADATA_KEY}' header metadata is not valid JSON ({err})") from err
     diffs = _differences(spec, header_spec)
     if diffs:

@@ -38,6 +38,15 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def _exists(entry: os.DirEntry) -> bool:
+    """Whether ``entry`` (links followed) exists: False for a dangling link."""
+    try:
+        entry.stat()
+    except OSError:
+        return False
+    return True
+
+
 def check_dir(path: Path | str, option: str, what: str) -> Path:
     """``path`` made absolute, or a DataError if it is not an existing directory."""
     path = Path(os.path.abspath(os.fspath(path)))
@@ -128,8 +137,8 @@ class Reader:
             for entry in entries:
                 if entry.is_dir():
                     yield from visit(Path(entry.path), (*parts, entry.name))
-                elif entry.is_file() and self.stem(entry.name) is not None:
-                    yield (*parts, entry.name)
+                elif self.stem(entry.name) is not None and _exists(entry):
+                    yield (*parts, entry.name)  # a FIFO too: header() refuses it by name, never opens it
 
         yield from sorted(visit(root, ()))
 

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import ClassVar
 
 import cv2
 import numpy as np
 
+from ucfvit.files import check_regular
+
 from .base import DataError, Item, Reader, as_labels, check_dir, is_hidden, register_reader
-from .headers import HEADER_PREFIX, PNG_SIGNATURE, fast_image_header, jpeg_scan, png_scan
+from .headers import (
+    HEADER_PREFIX,
+    MAX_IMAGE_PIXELS,
+    PNG_SIGNATURE,
+    declared_size,
+    fast_image_header,
+    jpeg_scan,
+    png_scan,
+)
 
 __all__ = ["ImageFolderReader"]
 
@@ -19,12 +30,14 @@ class ImageFolderReader(Reader):
     """2D images (JPEG, PNG, TIFF) read with OpenCV; class sub-folders of the root give the labels (ImageNet style).
 
     Grayscale is one channel, colour is RGB, colour with alpha is RGBA; 8- and 16-bit values stay raw
-    (0..255 / 0..65535). Masks are single-channel integer images of class indices.
+    (0..255 / 0..65535). Masks are single-channel integer images of class indices. An image whose
+    header declares more than ``max_pixels`` pixels is refused before it is decoded.
     """
 
     name = "imagefolder"
     suffixes = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
     spatial_ndim = 2
+    max_pixels: ClassVar[int] = MAX_IMAGE_PIXELS
 
     def classes(self, root: Path) -> list[str]:
         """The class names: ``root``'s non-hidden sub-folders, sorted (label k is the k-th).
@@ -49,6 +62,7 @@ class ImageFolderReader(Reader):
 
     @staticmethod
     def _bytes(path: str, limit: int = -1) -> bytes:
+        check_regular(path, "an image file", DataError)  # a FIFO would block the reader
         try:
             with open(path, "rb") as f:
                 buf = f.read(limit)
@@ -58,9 +72,22 @@ class ImageFolderReader(Reader):
             raise DataError(f"{path}: the file is empty")
         return buf
 
+    def _check_size(self, path: str, buf: bytes) -> bool:
+        """Refuse an image whose header declares more than ``max_pixels``; False: the header lies beyond ``buf``."""
+        size = declared_size(buf)
+        if size and size[0] * size[1] > self.max_pixels:
+            width, height = size
+            raise DataError(
+                f"{path}: the image declares {width} x {height} pixels, more than the {self.max_pixels:,} that "
+                "ucfvit decodes (ImageFolderReader.max_pixels); cut it into smaller images or scale it down"
+            )
+        return size is not False
+
     def _decode(self, path: str) -> np.ndarray:
-        """The decoded image, (H, W) or (H, W, C) in OpenCV's channel order, after checking the file is whole."""
+        """The decoded image, (H, W) or (H, W, C) in OpenCV's channel order, after checking the file is whole
+        and that its declared size is within ``max_pixels``."""
         buf = self._bytes(path)
+        self._check_size(path, buf)
         if buf.startswith(PNG_SIGNATURE) and not png_scan(buf, to_end=True)[2]:
             raise DataError(f"{path}: the PNG file is truncated or corrupt (its chunks end before IEND)")
         if buf.startswith(b"\xff\xd8\xff") and not jpeg_scan(buf, to_end=True)[1]:
@@ -79,9 +106,10 @@ class ImageFolderReader(Reader):
     def header(self, item: Item) -> tuple[int, tuple[int, int]]:
         """(channels, (H, W)): from the PNG IHDR or JPEG frame header when they settle it, else by decoding."""
         buf = self._bytes(item.path, HEADER_PREFIX)
+        if not self._check_size(item.path, buf) and len(buf) == HEADER_PREFIX:
+            buf = self._bytes(item.path)
+            self._check_size(item.path, buf)
         found = fast_image_header(buf)
-        if found is False and len(buf) == HEADER_PREFIX:
-            found = fast_image_header(self._bytes(item.path))
         if found:
             return found
         img = self._decode(item.path)

@@ -15,6 +15,8 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
+from ucfvit.files import MIB, check_regular
+
 from .base import DataError, Item, Reader, as_labels, float32_c, register_reader
 
 __all__ = ["NiftiReader"]
@@ -34,17 +36,37 @@ def _gzip_size_ok(path: str, expected: int) -> None:
         trailer = f.read(4)
     if len(trailer) == 4 and struct.unpack("<I", trailer)[0] == expected & 0xFFFFFFFF:
         return  # the usual single-member gzip: its trailer gives the size
-    # A mismatch is a cut-off file, or a multi-member gzip (bgzip): decompress it all to know.
+    # A mismatch is a cut-off file, or a multi-member gzip (bgzip): decompress it (streaming) to know.
     total = 0
     try:
         with gzip.open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
+            while total < expected and (chunk := f.read(1 << 22)):  # what lies beyond is never read
                 total += len(chunk)
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: the gzip stream is truncated or corrupt ({e})") from e
     if total < expected:
         raise DataError(f"{path}: the file is truncated: it holds {total} bytes, its header needs {expected}")
     _VERIFIED[path] = (stat.st_size, stat.st_mtime_ns)
+
+
+def _vox_offset(path: str) -> float | None:
+    """The data offset (``vox_offset``) that a .nii.gz's NIfTI-1 or NIfTI-2 header declares; None: no such header.
+
+    nibabel reads the header extensions up to this offset into memory, so it is checked before nibabel opens
+    the file: the first 540 bytes are decompressed here, nothing more.
+    """
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read(540)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: the gzip stream is truncated or corrupt ({e})") from e
+    for order in "<>":
+        (sizeof_hdr,) = struct.unpack_from(order + "i", raw) if len(raw) >= 4 else (0,)
+        if sizeof_hdr == 348 and len(raw) >= 112:
+            return struct.unpack_from(order + "f", raw, 108)[0]
+        if sizeof_hdr == 540 and len(raw) >= 176:
+            return struct.unpack_from(order + "q", raw, 168)[0]
+    return None
 
 
 @register_reader
@@ -56,11 +78,19 @@ class NiftiReader(Reader):
     spatial_ndim = 3
     cache_files: ClassVar[int] = 8  # memory maps (and decompressed volumes) kept for the next tiles
     cache_bytes: ClassVar[int] = 1 << 30  # the largest decompressed .nii.gz volume kept
+    max_gz_bytes: ClassVar[int] = 1 << 30  # the largest .nii.gz read (decompressed whole): header and data
 
-    @staticmethod
-    def _load(path: str):
-        """The nibabel image, its data checked to be all in the file (cheap: file size or gzip trailer)."""
+    @classmethod
+    def _load(cls, path: str):
+        """The nibabel image, its data checked to be all in the file (cheap: file size or gzip trailer), and a
+        .nii.gz checked to hold at most ``max_gz_bytes`` once decompressed (from the header's shape and dtype)."""
         path = os.fspath(path)
+        check_regular(path, "a NIfTI file", DataError)  # a FIFO would block the reader
+        compressed = path.lower().endswith(".gz")
+        if compressed:
+            declared = _vox_offset(path)
+            if declared is not None and not 0 <= declared <= cls.max_gz_bytes:  # NaN fails too
+                raise cls._too_large(path, f"its header puts the data at byte {declared:.0f} (vox_offset)")
         try:
             img = nib.load(path)
             shape = tuple(int(s) for s in img.shape)
@@ -73,13 +103,22 @@ class NiftiReader(Reader):
         if dtype.kind not in "biuf" or dtype.fields is not None:
             raise DataError(f"{path}: NIfTI data type {dtype} is not a numeric image type (integer or float)")
         expected = offset + math.prod(shape) * dtype.itemsize
-        if path.lower().endswith(".gz"):
+        if compressed and expected > cls.max_gz_bytes:
+            raise cls._too_large(path, f"it holds {expected / MIB:,.0f} MiB decompressed (shape {shape}, {dtype})")
+        if compressed:
             _gzip_size_ok(path, expected)
         elif os.path.getsize(path) < expected:
             raise DataError(
                 f"{path}: the file is truncated: it has {os.path.getsize(path)} bytes, its header needs {expected}"
             )
         return img, shape
+
+    @classmethod
+    def _too_large(cls, path: str, why: str) -> DataError:
+        return DataError(
+            f"{path}: {why}, more than the {cls.max_gz_bytes / MIB:,.0f} MiB of a .nii.gz that ucfvit decompresses "
+            "(whole, NiftiReader.max_gz_bytes); gunzip it: a .nii is memory-mapped and only each tile is read"
+        )
 
     def header(self, item: Item) -> tuple[int, tuple[int, int, int]]:
         """(channels, (X, Y, Z)) from the NIfTI header alone."""

@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 
+from ucfvit.files import check_regular
+
 from .base import DataError, Item, Reader, as_labels, float32_c, register_reader
 
 __all__ = ["NpyReader"]
@@ -35,6 +37,7 @@ class NpyReader(Reader):
     @staticmethod
     def _array_header(path: str) -> tuple[tuple[int, ...], np.dtype]:
         """(shape, dtype) from the .npy header, checked: numeric dtype and all data present in the file."""
+        check_regular(path, "a .npy file", DataError)  # a FIFO would block the reader
         try:
             with open(path, "rb") as f:
                 version = np.lib.format.read_magic(f)
