@@ -43,7 +43,7 @@ FRONTIER = REPO / "launch" / "frontier" / "train.sbatch"
 
 def run_program(ctx: Ctx, cmd: list[str], timeout: float = FLAG_TIMEOUT) -> Result:
     """Run another program of the repository (``evaluate.py``, a launcher) as ``ctx.run`` runs the trainer."""
-    ctx.command = lambda argv, nproc: list(cmd)  # type: ignore[method-assign]  # this call's command line
+    ctx.command = lambda argv, nproc, record_exit=False: list(cmd)  # type: ignore[method-assign]  # this call's command line
     try:
         return ctx.run([], timeout=timeout)
     finally:
