@@ -18,7 +18,7 @@ ROOT = Path(__file__).parents[1]
 
 def torchrun(nproc: int, argv: list[str], log: Path, exit_dir: Path | None = None) -> subprocess.Popen:
     """Start ``torchrun ... recipes/train.py argv`` in a session of its own; with ``exit_dir`` each rank
-    writes its exit status there (:func:`exit_statuses`)."""
+    writes its exit status there (read with ``acceptance.harness.exit_statuses``)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     recorder = [] if exit_dir is None else [str(ROOT / "tests" / "record_exit.py")]
     cmd = [*launcher, *recorder, str(ROOT / "recipes" / "train.py"), *argv]
@@ -27,11 +27,6 @@ def torchrun(nproc: int, argv: list[str], log: Path, exit_dir: Path | None = Non
         exit_dir.mkdir(parents=True, exist_ok=True)
         env["UCFVIT_EXIT_DIR"] = str(exit_dir)
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def exit_statuses(exit_dir: Path) -> dict[int, str]:
-    """rank -> exit status written by tests/record_exit.py (a rank missing died of a signal)."""
-    return {int(p.name.split("-")[1]): p.read_text().strip() for p in exit_dir.glob("rank-*")}
 
 
 def kill_all(proc: subprocess.Popen) -> None:

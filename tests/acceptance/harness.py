@@ -75,6 +75,11 @@ class Result:
         return "timed out" if self.timed_out else f"exit {self.rc}"
 
 
+def exit_statuses(exit_dir: Path) -> dict[int, str]:
+    """rank -> exit status written by tests/record_exit.py (a rank missing died of a signal)."""
+    return {int(p.name.split("-")[1]): p.read_text().strip() for p in exit_dir.glob("rank-*")}
+
+
 def _proc_table() -> dict[int, int]:
     """pid -> parent pid of every process."""
     table = {}

@@ -17,6 +17,7 @@ from .harness import (
     base_flags,
     case,
     ckpt_dirs,
+    exit_statuses,
     judge,
     kill_everything,
     last_line,
@@ -27,11 +28,6 @@ from .harness import (
 
 STOP_LIMIT = 120  # s from the signal to the end of every trainer process
 SYNC = 8  # log (and sync) steps: a stop needs more batches than the workers had prefetched at the signal
-
-
-def exit_statuses(exit_dir: Path) -> dict[int, str]:
-    """rank -> exit status written by tests/record_exit.py (a rank missing died of a signal)."""
-    return {int(p.name.split("-")[1]): p.read_text().strip() for p in exit_dir.glob("rank-*")}
 
 
 def _start(ctx: Ctx, nproc: int, workers: int) -> tuple[subprocess.Popen, Path, dict, Path]:

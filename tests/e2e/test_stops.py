@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from acceptance.harness import has_traceback
-from torchrun_jobs import children, exit_statuses, kill_all, torchrun, wait
+from acceptance.harness import exit_statuses, has_traceback
+from torchrun_jobs import children, kill_all, torchrun, wait
 from ucfvit.train.checkpoint import find_checkpoint
 
 ROOT = Path(__file__).parents[2]
